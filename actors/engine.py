@@ -1,0 +1,287 @@
+"""ShardEngine: the whole decision engine for the users of one shard, in plain Python (no Ray, no Redis).
+
+One call to `process` is one micro-batch: validate, dedup, run every matching rule (all rule runs of the
+batch cross into Lua in one call), apply caps and budgets, and return results, actions, journal entries
+and the users whose state changed. Decisions depend only on (event, context, script version).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from hashlib import blake2b
+from typing import Any
+
+from actors.budgets import Budgets, LocalBudgets
+from actors.caps import CapBook
+from actors.clock import CampaignClock
+from actors.envelope import Event, check_event
+from actors.state import UserState, decode_snapshot, encode_snapshot, event_digest
+from config.schema import CampaignConfig, Config, RuleConfig
+from scripting.registry import ScriptRegistry
+from scripting.sandbox import Sandbox
+
+__all__ = ["BatchOutcome", "ShardEngine", "action_id", "user_key"]
+
+
+def user_key(campaign: str, user: str) -> str:
+    """The key of one user's state; campaign ids cannot contain NUL, so it splits back unambiguously."""
+    return f"{campaign}\x00{user}"
+
+
+def action_id(campaign: str, user: str, event_id: str, rule: str, index: int) -> str:
+    """Deterministic: the same (event, rule, emit index) always yields the same id."""
+    h = blake2b(f"{campaign}\x00{user}\x00{event_id}\x00{rule}\x00{index}".encode(), digest_size=12)
+    return "a-" + h.hexdigest()
+
+
+@dataclass
+class BatchOutcome:
+    """What one micro-batch decided; `results` are in input order."""
+
+    results: list[dict[str, Any]]
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    journal: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    dirty: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Rule:
+    id: str
+    script: str
+    handle: int
+    version: int
+
+
+@dataclass
+class _RuleSet:
+    handle: int
+    rules: list[_Rule]
+
+
+@dataclass
+class _Campaign:
+    config: CampaignConfig
+    id_b: bytes
+    starts_ms: int
+    ends_ms: int
+    clock: CampaignClock
+    caps: CapBook
+    budgets: dict[str, tuple[str, str]]  # action type -> (budget name, param)
+    rulesets: dict[str, _RuleSet]
+
+
+class ShardEngine:
+    """Decides for the users it holds; state is in memory, snapshots are msgpack bytes per user."""
+
+    def __init__(self, config: Config, budgets: Budgets | None = None, sandbox: Sandbox | None = None) -> None:
+        self.config = config
+        self.budgets: Budgets = budgets if budgets is not None else LocalBudgets(config)
+        self.sandbox = sandbox or Sandbox(config.sandbox.max_instructions, config.sandbox.max_memory_kb)
+        self.scripts = ScriptRegistry(self.sandbox)
+        self.window = config.dedup_window
+        self.users: dict[str, UserState] = {}
+        self.dirty: set[str] = set()
+        self._type_b: dict[str, bytes] = {}
+        self._rules_by_script: dict[str, list[_Rule]] = {}
+        self.campaigns: dict[str, _Campaign] = {c.id: self._build_campaign(c) for c in config.campaigns}
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def _build_campaign(self, c: CampaignConfig) -> _Campaign:
+        budgets = {b.action: (b.name, b.param) for b in c.budgets}
+        budget_params = {action: param for action, (_, param) in budgets.items()}
+        by_type: dict[str, list[_Rule]] = {}
+        for rc in c.rules:
+            rule = self._build_rule(c, rc, budget_params)
+            by_type.setdefault(rc.on, []).append(rule)
+        rulesets = {
+            t: _RuleSet(self.sandbox.define_ruleset([r.handle for r in rules]), rules) for t, rules in by_type.items()
+        }
+        return _Campaign(
+            config=c, id_b=c.id.encode(), starts_ms=c.starts_ms, ends_ms=c.ends_ms,
+            clock=CampaignClock(c.timezone), caps=CapBook(c.caps), budgets=budgets, rulesets=rulesets,
+        )
+
+    def _build_rule(self, c: CampaignConfig, rc: RuleConfig, budget_params: dict[str, str]) -> _Rule:
+        name = rc.script_name or rc.script
+        try:
+            version, script = self.scripts.active(name)
+        except Exception:  # noqa: BLE001 - first use of this script name: its file is version 1
+            self.scripts.add(name, rc.source, 1)
+            version, script = self.scripts.active(name)
+        params = {t: p for t, p in budget_params.items() if t in rc.emits}
+        handle = self.sandbox.define_rule(rc.id, script, list(rc.emits), params)
+        rule = _Rule(rc.id, name, handle, version)
+        self._rules_by_script.setdefault(name, []).append(rule)
+        return rule
+
+    # -- scripts (hot reload) ----------------------------------------------------------------------
+    def put_script(self, name: str, source: str, version: int | None = None) -> int:
+        """Store a new version of a script (compiled now, so a bad one fails here); returns its number."""
+        return self.scripts.add(name, source, version)
+
+    def activate(self, name: str, version: int) -> None:
+        """Every rule using `name` runs `version` from the next batch on."""
+        handle = self.scripts.activate(name, version)
+        for rule in self._rules_by_script.get(name, ()):
+            self.sandbox.set_rule_script(rule.handle, handle)
+            rule.version = version
+
+    # -- the micro-batch ---------------------------------------------------------------------------
+    def process(self, events: list[Any], now_ms: int) -> BatchOutcome:
+        """Decide one micro-batch. `now_ms` is the receive time, the default `ts` of events without one."""
+        results: list[dict[str, Any]] = [None] * len(events)  # type: ignore[list-item]
+        users, campaigns, window, dirty = self.users, self.campaigns, self.window, self.dirty
+        type_b = self._type_b
+        cols: list[Any] = []
+        work: list[tuple[int, Event, str, UserState, int, _Campaign, _RuleSet]] = []
+        for idx, raw in enumerate(events):
+            ev, reason = check_event(raw, now_ms)
+            if ev is None:
+                rid = raw.get("id") if type(raw) is dict else None
+                results[idx] = {"id": rid if type(rid) is str else None, "status": "rejected",
+                                "actions": [], "errors": [reason]}
+                continue
+            camp = campaigns.get(ev.campaign)
+            if camp is None:
+                results[idx] = {"id": ev.id, "status": "rejected", "actions": [],
+                                "errors": [f"campaign: unknown campaign {ev.campaign!r}"]}
+                continue
+            key = f"{ev.campaign}\x00{ev.user}"
+            st = users.get(key)
+            if st is None:
+                st = users[key] = UserState()
+            digest = event_digest(ev.id)
+            if st.has_seen(digest):
+                results[idx] = {"id": ev.id, "status": "duplicate", "actions": [], "errors": []}
+                continue
+            st.remember(digest, window)
+            dirty.add(key)
+            results[idx] = {"id": ev.id, "status": "applied", "actions": [], "errors": []}
+            if not camp.starts_ms <= ev.ts < camp.ends_ms:
+                continue
+            rs = camp.rulesets.get(ev.type)
+            if rs is None:
+                continue
+            day = camp.clock.day(ev.ts)
+            tb = type_b.get(ev.type)
+            if tb is None:
+                tb = type_b[ev.type] = ev.type.encode()
+            user_b = ev.user.encode()
+            cols += (ev.id.encode(), tb, user_b, camp.id_b, ev.ts, day, ev.blob,
+                     camp.id_b + b"\x00" + user_b, rs.handle)
+            work.append((idx, ev, key, st, day, camp, rs))
+        outcome = BatchOutcome(results)
+        if work:
+            self._apply(work, self.sandbox.run_batch(cols, len(work)), outcome)
+        return outcome
+
+    def _apply(self, work: list[Any], records: list[list[Any]], out: BatchOutcome) -> None:
+        """Turn the rule runs' records into actions (through caps and budgets) and journal entries."""
+        ri = 0
+        journal, actions, failed, results = out.journal, out.actions, out.failed, out.results
+        for idx, ev, _key, st, day, camp, rs in work:
+            res = results[idx]
+            for rule in rs.rules:
+                err, changes, emits = records[ri]
+                ri += 1
+                granted: list[dict[str, Any]] = []
+                refused: list[dict[str, Any]] = []
+                if err is not None:
+                    res["errors"].append(f"rule {rule.id}: {err}")
+                    failed.append(self._failed_entry(ev, rule, err))
+                elif emits:
+                    for n, (atype, params) in enumerate(emits):
+                        reason = self._admit(camp, st, atype, params, day)
+                        a = {"id": action_id(ev.campaign, ev.user, ev.id, rule.id, n), "type": atype,
+                             "campaign": ev.campaign, "user": ev.user, "params": params, "cause": ev.id,
+                             "rule": rule.id, "script_version": rule.version}
+                        if reason:
+                            refused.append({"type": atype, "params": params, "reason": reason})
+                        else:
+                            granted.append(a)
+                    if granted:
+                        res["actions"].extend(granted)
+                        actions.extend(granted)
+                journal.append({
+                    "campaign": ev.campaign, "user": ev.user, "event": ev.id, "ts": ev.ts, "rule": rule.id,
+                    "script_version": rule.version, "actions": granted, "changes": changes or {},
+                    "error": err, "refused": refused,
+                })
+
+    @staticmethod
+    def _failed_entry(ev: Event, rule: _Rule, err: str) -> dict[str, Any]:
+        event = {"id": ev.id, "campaign": ev.campaign, "user": ev.user, "type": ev.type, "ts": ev.ts}
+        if ev.data:
+            event["data"] = ev.data
+        return {"event": event, "rule": rule.id, "script_version": rule.version, "error": err}
+
+    def _admit(self, camp: _Campaign, st: UserState, atype: str, params: dict[str, Any], day: int) -> str:
+        """"" when caps and budgets allow this action (and it is counted), else the reason."""
+        caps = camp.caps
+        capped = atype in caps.by_action
+        if capped:
+            reason = caps.refusal(st.caps, atype, day)
+            if reason:
+                return reason
+        budget = camp.budgets.get(atype)
+        if budget is not None:
+            name, param = budget
+            if not self.budgets.try_spend(camp.config.id, name, params[param]):
+                return f"budget: {name} cannot cover {param}={params[param]}"
+        if capped:
+            if st.caps is None:
+                st.caps = {}
+            caps.count(st.caps, atype, day)
+        return ""
+
+    # -- state -------------------------------------------------------------------------------------
+    def missing(self, events: list[Any]) -> list[str]:
+        """Keys of the users these events touch that are not in memory (to load before `process`)."""
+        users, out, seen = self.users, [], set()
+        for raw in events:
+            if type(raw) is dict and type(raw.get("campaign")) is str and type(raw.get("user")) is str:
+                key = f"{raw['campaign']}\x00{raw['user']}"
+                if key not in users and key not in seen:
+                    seen.add(key)
+                    out.append(key)
+        return out
+
+    def take_dirty(self) -> set[str]:
+        """The users changed since the last call (and forget them)."""
+        d, self.dirty = self.dirty, set()
+        return d
+
+    def snapshot(self, keys: list[str] | set[str] | None = None) -> dict[str, bytes]:
+        """msgpack bytes of each user's whole state (default: the dirty users, which are then clean)."""
+        if keys is None:
+            keys = self.take_dirty()
+        keys = [k for k in keys if k in self.users]
+        blobs = self.sandbox.get_context_blobs(keys)
+        return {k: encode_snapshot(self.users[k], b) for k, b in zip(keys, blobs)}
+
+    def restore(self, key: str, blob: bytes | None) -> None:
+        """Load a user's state from a snapshot (None: a new user with empty state)."""
+        if blob is None:
+            self.users[key] = UserState()
+            self.sandbox.drop_context(key)
+            return
+        state, context = decode_snapshot(blob)
+        self.users[key] = state
+        if context is None:
+            self.sandbox.drop_context(key)
+        else:
+            self.sandbox.load_context(key, context)
+
+    def evict(self, key: str) -> None:
+        """Forget a user's in-memory state (it must have been snapshotted first)."""
+        self.users.pop(key, None)
+        self.dirty.discard(key)
+        self.sandbox.drop_context(key)
+
+    def context(self, campaign: str, user: str) -> dict[str, Any]:
+        """The user's context as plain data ({} when unknown)."""
+        return self.sandbox.get_contexts([user_key(campaign, user)])[0] or {}
+
+    def contexts(self, keys: list[str]) -> list[dict[str, Any]]:
+        return [c or {} for c in self.sandbox.get_contexts(keys)]

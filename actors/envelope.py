@@ -1,0 +1,73 @@
+"""Validation of incoming events: a bad event gets a reason, never an exception."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import msgpack
+
+__all__ = ["MAX_DATA_BYTES", "Event", "check_event"]
+
+MAX_DATA_BYTES = 16 * 1024
+MAX_ID = 128
+MAX_NAME = 256
+MAX_TS = 2**53
+
+
+class Event(NamedTuple):
+    """A valid event; `blob` is `data` as msgpack (False when empty), the form the sandbox reads."""
+
+    id: str
+    campaign: str
+    user: str
+    type: str
+    ts: int
+    data: dict[str, Any]
+    blob: bytes | bool
+
+
+def _name(raw: dict[str, Any], field: str) -> str | None:
+    v = raw.get(field)
+    if type(v) is not str or not v or len(v) > MAX_NAME:
+        return None
+    return v
+
+
+def check_event(raw: Any, now_ms: int) -> tuple[Event | None, str]:
+    """(event, "") for a valid event, else (None, reason). `now_ms` is the default `ts`."""
+    if type(raw) is not dict:
+        return None, f"an event must be an object, got {type(raw).__name__}"
+    eid = raw.get("id")
+    if type(eid) is not str or not 0 < len(eid) <= MAX_ID:
+        return None, f"id: expected a string of 1..{MAX_ID} characters, got {_show(eid)}"
+    campaign, user, etype = _name(raw, "campaign"), _name(raw, "user"), _name(raw, "type")
+    if campaign is None or user is None or etype is None:
+        for field, v in (("campaign", campaign), ("user", user), ("type", etype)):
+            if v is None:
+                return None, f"{field}: expected a string of 1..{MAX_NAME} characters, got {_show(raw.get(field))}"
+    ts = raw.get("ts")
+    if ts is None:
+        ts = now_ms
+    elif type(ts) is not int or not 0 <= ts < MAX_TS:
+        return None, f"ts: expected milliseconds since the epoch as a non-negative integer, got {_show(ts)}"
+    data = raw.get("data")
+    blob: bytes | bool = False
+    if data is None:
+        data = {}
+    elif type(data) is not dict:
+        return None, f"data: expected an object, got {type(data).__name__}"
+    elif data:
+        try:
+            blob = msgpack.packb(data)
+        except (TypeError, ValueError, OverflowError) as e:
+            return None, f"data: cannot be encoded ({e})"
+        if len(blob) > MAX_DATA_BYTES:
+            return None, f"data: {len(blob)} bytes encoded, at most {MAX_DATA_BYTES} allowed"
+    return Event(eid, campaign, user, etype, ts, data, blob), ""  # type: ignore[arg-type]
+
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "nothing"
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."

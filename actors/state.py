@@ -1,0 +1,67 @@
+"""Per-user state kept on the Python side: the dedup window and cap counters, and its snapshot format.
+
+The user's context itself lives in the sandbox (a Lua table); a snapshot joins the two as msgpack bytes.
+"""
+
+from __future__ import annotations
+
+from hashlib import blake2b
+from typing import Any
+
+import msgpack
+
+from actors.errors import StateError
+
+__all__ = ["UserState", "decode_snapshot", "encode_snapshot", "event_digest"]
+
+SNAPSHOT_VERSION = 1
+_DIGEST = 8
+
+
+def event_digest(event_id: str) -> bytes:
+    """8-byte digest of an event id, the unit of the dedup window."""
+    return blake2b(event_id.encode(), digest_size=_DIGEST).digest()
+
+
+class UserState:
+    """Recent event digests (newest last, bounded) and cap counters of one (campaign, user)."""
+
+    __slots__ = ("caps", "seen")
+
+    def __init__(self, seen: bytes = b"", caps: dict[int, list[int]] | None = None) -> None:
+        self.seen = seen
+        self.caps = caps
+
+    def has_seen(self, digest: bytes) -> bool:
+        seen = self.seen
+        i = seen.find(digest)
+        while i != -1:
+            if i % _DIGEST == 0:
+                return True
+            i = seen.find(digest, i + 1)
+        return False
+
+    def remember(self, digest: bytes, window: int) -> None:
+        seen = self.seen + digest
+        if len(seen) > window * _DIGEST:
+            seen = seen[-window * _DIGEST :]
+        self.seen = seen
+
+
+def encode_snapshot(state: UserState, context: bytes | None) -> bytes:
+    """msgpack [version, seen, caps, context-msgpack-or-nil]."""
+    caps = [[i, c[0], c[1]] for i, c in sorted(state.caps.items())] if state.caps else []
+    return msgpack.packb([SNAPSHOT_VERSION, state.seen, caps, context], use_bin_type=True)
+
+
+def decode_snapshot(blob: bytes) -> tuple[UserState, bytes | None]:
+    """The inverse of encode_snapshot; raises StateError for anything else."""
+    try:
+        v: Any = msgpack.unpackb(blob, raw=False)
+        version, seen, caps, context = v
+    except Exception as e:  # noqa: BLE001 - any decoding failure is a bad snapshot
+        raise StateError(f"cannot decode user snapshot: {e}") from None
+    if version != SNAPSHOT_VERSION:
+        raise StateError(f"user snapshot version {version!r} is not supported (expected {SNAPSHOT_VERSION})")
+    counters = {int(i): [int(p), int(n)] for i, p, n in caps} or None
+    return UserState(bytes(seen), counters), context

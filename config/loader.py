@@ -1,0 +1,151 @@
+"""Load and validate a playbus YAML file; every mistake names the file, line, field path, value and expectation."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from config.errors import ConfigError
+from config.schema import Config
+
+__all__ = ["load_config", "parse_config"]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader where only true/false are booleans: YAML 1.1 would read a bare `on:` key as True."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
+def _fmt_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the YAML node at `loc`, or of its nearest existing parent."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            nxt = node.value[part]
+        else:
+            nxt = None
+        if nxt is None:
+            break
+        node = nxt
+        line = node.start_mark.line + 1
+    return line
+
+
+def _value_at(data: Any, loc: tuple[Any, ...]) -> tuple[bool, Any]:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return False, None
+    return True, data
+
+
+def _fail(file: str, root: yaml.Node | None, data: Any, loc: tuple[Any, ...], msg: str) -> ConfigError:
+    line = _line_of(root, loc)
+    where = f"{file}:{line}" if line else file
+    found, value = _value_at(data, loc)
+    got = f" (got {value!r})" if found and not isinstance(value, (dict, list)) else ""
+    path = _fmt_path(loc)
+    return ConfigError(f"{where}: {path}: {msg}{got}", file=file, path=path)
+
+
+def parse_config(text: str, file: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate YAML text; rule scripts are read relative to `base_dir` (the file's folder)."""
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark is not None else file
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}", file=file) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a mapping at the top level, got {type(data).__name__}", file=file)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        raise _fail(file, root, data, loc, _expectation(err)) from None
+    return _check_links(cfg, file, root, data, base_dir or Path.cwd())
+
+
+def _expectation(err: Any) -> str:
+    msg = str(err.get("msg", "invalid"))
+    if err.get("type") == "extra_forbidden":
+        return "unknown field (typo?)"
+    if err.get("type") == "missing":
+        return "required field is missing"
+    return msg.removeprefix("Value error, ")
+
+
+def _check_links(cfg: Config, file: str, root: yaml.Node | None, data: Any, base: Path) -> Config:
+    """Cross-field checks: emitted types have a target, caps/budgets name emitted types, scripts exist."""
+    campaigns = []
+    for ci, camp in enumerate(cfg.campaigns):
+        emitted = {t for r in camp.rules for t in r.emits}
+        rules = []
+        for ri, rule in enumerate(camp.rules):
+            for ei, t in enumerate(rule.emits):
+                gameplay = t.split(".", 1)[0]
+                if gameplay not in cfg.targets:
+                    raise _fail(
+                        file, root, data, ("campaigns", ci, "rules", ri, "emits", ei),
+                        f"no target for gameplay {gameplay!r}; add it under 'targets' "
+                        f"(known: {sorted(cfg.targets) or 'none'})",
+                    )
+            path = (base / rule.script).resolve()
+            try:
+                source = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise _fail(
+                    file, root, data, ("campaigns", ci, "rules", ri, "script"),
+                    f"cannot read script {str(path)!r}: {getattr(e, 'strerror', None) or e}",
+                ) from None
+            rules.append(rule.model_copy(update={"script_name": path.stem, "source": source}))
+        for key, items in (("caps", camp.caps), ("budgets", camp.budgets)):
+            for i, item in enumerate(items):
+                if item.action not in emitted:
+                    raise _fail(
+                        file, root, data, ("campaigns", ci, key, i, "action"),
+                        f"no rule of this campaign emits {item.action!r} (emitted: {sorted(emitted) or 'none'})",
+                    )
+        campaigns.append(camp.model_copy(update={"rules": tuple(rules)}))
+    return cfg.model_copy(update={"campaigns": tuple(campaigns), "source_file": file})
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raises ConfigError with a message for an operator."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read config: {getattr(e, 'strerror', None) or e}", file=str(p)) from None
+    return parse_config(text, file=str(p), base_dir=p.parent)

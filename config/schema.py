@@ -1,0 +1,174 @@
+"""Typed schema of the playbus YAML: what each field is, its default and its limits."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "BatchConfig",
+    "BudgetConfig",
+    "CampaignConfig",
+    "CapConfig",
+    "Config",
+    "RuleConfig",
+    "SandboxConfig",
+    "TargetConfig",
+]
+
+_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$"
+_ACTION_TYPE = r"^[a-z0-9_]+(\.[A-Za-z0-9_\-]+)+$"
+_EVENT_TYPE = r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class BatchConfig(_Strict):
+    """How shards cut the input into micro-batches (one Redis commit per batch)."""
+
+    max_events: int = Field(500, ge=1, le=100_000)
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+
+
+class TargetConfig(_Strict):
+    """Where the actions of one gameplay go: a Redis stream or a webhook, exactly one of them."""
+
+    stream: str | None = Field(None, min_length=1, max_length=256)
+    webhook: str | None = Field(None, pattern=r"^https?://[^\s]+$")
+    max_attempts: int = Field(8, ge=1, le=100)
+    timeout_s: float = Field(5.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TargetConfig:
+        if (self.stream is None) == (self.webhook is None):
+            raise ValueError("a target needs exactly one of 'stream' or 'webhook'")
+        return self
+
+
+class SandboxConfig(_Strict):
+    """Limits of one rule run: instructions executed and memory allocated."""
+
+    max_instructions: int = Field(1_000_000, ge=1_000, le=1_000_000_000)
+    max_memory_kb: int = Field(16_384, ge=256, le=1_048_576)
+
+
+class RuleConfig(_Strict):
+    """On an event type, run a Lua script that may emit the listed action types."""
+
+    id: str = Field(pattern=_NAME, max_length=128)
+    on: str = Field(pattern=_EVENT_TYPE, max_length=128)
+    script: str = Field(min_length=1)
+    emits: tuple[str, ...] = ()
+    # Filled by the loader: the script's name (file stem) and source text (version 1).
+    script_name: str = ""
+    source: str = ""
+
+    @field_validator("emits")
+    @classmethod
+    def _emits_are_action_types(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for t in v:
+            if not re.match(_ACTION_TYPE, t):
+                raise ValueError(f"{t!r} is not an action type like 'lottery.grant_chance'")
+        return v
+
+
+class CapConfig(_Strict):
+    """At most `per_user` actions of one type per user per day, week or campaign (campaign time zone)."""
+
+    action: str = Field(pattern=_ACTION_TYPE)
+    per_user: int = Field(ge=0)
+    period: Literal["day", "week", "campaign"]
+
+
+class BudgetConfig(_Strict):
+    """A campaign-wide total spent by the integer parameter `param` of every `action`."""
+
+    name: str = Field(pattern=_NAME, max_length=64)
+    action: str = Field(pattern=_ACTION_TYPE)
+    param: str = Field(min_length=1, max_length=64)
+    total: int = Field(ge=0)
+
+
+class CampaignConfig(_Strict):
+    """One campaign: its window, time zone, rules, caps and budgets."""
+
+    id: str = Field(pattern=_NAME, max_length=128)
+    timezone: str = "UTC"
+    starts: datetime
+    ends: datetime
+    rules: tuple[RuleConfig, ...] = ()
+    caps: tuple[CapConfig, ...] = ()
+    budgets: tuple[BudgetConfig, ...] = ()
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}; expected an IANA name like 'Asia/Shanghai'") from None
+        return v
+
+    @field_validator("starts", "ends")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        if v.tzinfo is None:
+            raise ValueError("expected a time with a UTC offset, like 2026-01-20T00:00:00+08:00")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CampaignConfig:
+        if self.ends <= self.starts:
+            raise ValueError(f"'ends' ({self.ends.isoformat()}) must be after 'starts' ({self.starts.isoformat()})")
+        seen: set[str] = set()
+        for r in self.rules:
+            if r.id in seen:
+                raise ValueError(f"rule id {r.id!r} appears twice")
+            seen.add(r.id)
+        names = [b.name for b in self.budgets]
+        if len(set(names)) != len(names):
+            raise ValueError("budget names must be unique within a campaign")
+        return self
+
+    @property
+    def starts_ms(self) -> int:
+        return int(self.starts.timestamp() * 1000)
+
+    @property
+    def ends_ms(self) -> int:
+        return int(self.ends.timestamp() * 1000)
+
+
+class Config(_Strict):
+    """The whole playbus configuration file."""
+
+    shards: int = Field(4, ge=1, le=1024)
+    key_groups: int = Field(128, ge=1, le=65_536)
+    dedup_window: int = Field(64, ge=1, le=100_000)
+    batch: BatchConfig = BatchConfig()
+    sandbox: SandboxConfig = SandboxConfig()
+    targets: dict[str, TargetConfig] = {}
+    campaigns: tuple[CampaignConfig, ...] = ()
+    # Filled by the loader: the file it came from, for messages.
+    source_file: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.shards > self.key_groups:
+            raise ValueError(f"shards ({self.shards}) cannot exceed key_groups ({self.key_groups})")
+        ids = [c.id for c in self.campaigns]
+        if len(set(ids)) != len(ids):
+            raise ValueError("campaign ids must be unique")
+        return self
+
+    def campaign(self, campaign_id: str) -> CampaignConfig | None:
+        for c in self.campaigns:
+            if c.id == campaign_id:
+                return c
+        return None

@@ -1,0 +1,135 @@
+"""The Lua sandbox: one lupa Lua 5.4 runtime holding compiled scripts, rules and users' contexts.
+
+Python talks to the trusted driver (driver.lua) only in msgpack bytes and flat tables, so no Python object
+is ever reachable from Lua, and a whole micro-batch crosses the boundary in one call each way.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from typing import Any
+
+import lupa.lua54 as lua54
+import msgpack
+
+from scripting.errors import ScriptCompileError
+
+__all__ = ["BUDGET_ERROR", "MEMORY_ERROR", "STRIDE", "Sandbox"]
+
+STRIDE = 9  # fields per event in run_batch's flat column table (see driver.lua)
+BUDGET_ERROR = "instruction budget exceeded"
+MEMORY_ERROR = "memory cap exceeded"
+_HOOK_EVERY = 1000  # instructions per count-hook call, as set in driver.lua
+_LINE = re.compile(r"^[^:]*:(\d+): (.*)$", re.S)
+
+
+def _deny(obj: object, name: object, setting: bool) -> object:
+    raise AttributeError("access to Python objects is not allowed")
+
+
+class Sandbox:
+    """Compiles scripts and runs batches of rule runs under an instruction budget and a memory cap."""
+
+    def __init__(self, max_instructions: int = 1_000_000, max_memory_kb: int = 16_384) -> None:
+        self.max_instructions = max_instructions
+        self.max_memory_kb = max_memory_kb
+        self._lua = lua54.LuaRuntime(
+            encoding=None,
+            register_eval=False,
+            register_builtins=False,
+            unpack_returned_tuples=True,
+            attribute_filter=_deny,
+            max_memory=1 << 40,
+        )
+        # Hard limit of the whole runtime, re-armed per batch above live memory: a script that allocates
+        # in one C call (string.rep, table.concat) fails there; the soft per-run cap is in the driver.
+        self._headroom = 2 * max_memory_kb * 1024 + (16 << 20)
+        source = resources.files("scripting").joinpath("driver.lua").read_bytes()
+        hooks = max(1, max_instructions // _HOOK_EVERY)
+        self._api = self._lua.execute(source, hooks, max_memory_kb)
+        self._next_handle = 1
+        self._run_batch = self._api.run_batch
+        self._table_from = self._lua.table_from
+
+    def _handle(self) -> int:
+        h = self._next_handle
+        self._next_handle += 1
+        return h
+
+    # -- scripts and rules -------------------------------------------------------------------------
+    def compile(self, name: str, source: str, version: int = 1) -> int:
+        """Compile and load one script version; returns its handle or raises ScriptCompileError."""
+        if not isinstance(source, str):
+            raise ScriptCompileError(f"{name}: source must be text", name, version)
+        if len(source) > 1_000_000:
+            raise ScriptCompileError(f"{name}: source larger than 1 MB", name, version)
+        h = self._handle()
+        result = self._api.compile(h, name.encode(), source.encode())
+        ok, err = (result if isinstance(result, tuple) else (result, None))
+        if not ok:
+            text = err.decode("utf-8", "replace") if isinstance(err, bytes) else str(err)
+            m = _LINE.match(text)
+            line = int(m.group(1)) if m else 0
+            raise ScriptCompileError(text, name, version, line)
+        return h
+
+    def drop_script(self, handle: int) -> None:
+        self._api.drop_script(handle)
+
+    def define_rule(self, rule_id: str, script: int, emits: list[str], budget_params: dict[str, str]) -> int:
+        h = self._handle()
+        self._api.define_rule(h, rule_id.encode(), script, msgpack.packb(list(emits)), msgpack.packb(budget_params))
+        return h
+
+    def set_rule_script(self, rule: int, script: int) -> None:
+        self._api.set_rule_script(rule, script)
+
+    def define_ruleset(self, rules: list[int]) -> int:
+        h = self._handle()
+        self._api.define_ruleset(h, msgpack.packb(list(rules)))
+        return h
+
+    # -- running -----------------------------------------------------------------------------------
+    def run_batch(self, cols: list[Any], n: int) -> list[list[Any]]:
+        """Run the rule sets of `n` events (STRIDE fields each); one [error, changes, emits] per rule run."""
+        if n == 0:
+            return []
+        lua = self._lua
+        lua.set_max_memory(lua.get_memory_used() + self._headroom + 4096 * n)
+        blob = self._run_batch(self._table_from(cols), n)
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        unpacker.feed(blob)
+        return list(unpacker)
+
+    # -- contexts ----------------------------------------------------------------------------------
+    def get_contexts(self, keys: list[str]) -> list[dict[str, Any] | None]:
+        """The contexts of these user keys (None where the user has none in memory)."""
+        if not keys:
+            return []
+        blob = self._api.get_contexts(msgpack.packb(keys))
+        return [c if c is not False else None for c in msgpack.unpackb(blob, raw=False, strict_map_key=False)]
+
+    def get_context_blobs(self, keys: list[str]) -> list[bytes | None]:
+        """The contexts of these user keys as msgpack bytes, for snapshots."""
+        if not keys:
+            return []
+        blob = self._api.get_context_blobs(msgpack.packb(keys))
+        return [b if b is not False else None for b in msgpack.unpackb(blob, raw=False)]
+
+    def load_context(self, key: str, context: dict[str, Any] | bytes) -> None:
+        blob = context if isinstance(context, bytes) else msgpack.packb(context)
+        self._api.load_context(key.encode(), blob)
+
+    def drop_context(self, key: str) -> None:
+        self._api.drop_context(key.encode())
+
+    def clear_contexts(self) -> None:
+        self._api.clear_contexts()
+
+    def context_count(self) -> int:
+        return int(self._api.context_count())
+
+    def memory_kb(self) -> float:
+        """Live Lua memory in KiB after a full collection."""
+        return float(self._api.collect())
