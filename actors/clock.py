@@ -32,7 +32,10 @@ class CampaignClock:
 
     def day(self, ts: int) -> int:
         """Local day number: days since 1970-01-01 in the campaign's zone."""
-        return (ts + self.offset_ms(ts)) // _DAY_MS
+        off = self._offsets.get(ts // _SLOT_MS)
+        if off is None:
+            off = self.offset_ms(ts)
+        return (ts + off) // _DAY_MS
 
     @staticmethod
     def week(day: int) -> int:

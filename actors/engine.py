@@ -15,12 +15,14 @@ from actors.budgets import Budgets, LocalBudgets
 from actors.caps import CapBook
 from actors.clock import CampaignClock
 from actors.envelope import Event, check_event
-from actors.state import UserState, decode_snapshot, encode_snapshot, event_digest
+from actors.state import _DIGEST, UserState, decode_snapshot, encode_snapshot, event_digest
 from config.schema import CampaignConfig, Config, RuleConfig
 from scripting.registry import ScriptRegistry
 from scripting.sandbox import Sandbox
 
 __all__ = ["BatchOutcome", "ShardEngine", "action_id", "user_key"]
+
+_NONE: tuple[Any, ...] = ()  # shared empty actions/errors of a result; replaced by a list when filled
 
 
 def user_key(campaign: str, user: str) -> str:
@@ -134,17 +136,18 @@ class ShardEngine:
         users, campaigns, window, dirty = self.users, self.campaigns, self.window, self.dirty
         type_b = self._type_b
         cols: list[Any] = []
-        work: list[tuple[int, Event, str, UserState, int, _Campaign, _RuleSet]] = []
+        work: list[tuple[int, Event, UserState, int, _Campaign, _RuleSet]] = []
+        add_dirty, add_work, span = dirty.add, work.append, _DIGEST * window
         for idx, raw in enumerate(events):
             ev, reason = check_event(raw, now_ms)
             if ev is None:
                 rid = raw.get("id") if type(raw) is dict else None
                 results[idx] = {"id": rid if type(rid) is str else None, "status": "rejected",
-                                "actions": [], "errors": [reason]}
+                                "actions": _NONE, "errors": [reason]}
                 continue
             camp = campaigns.get(ev.campaign)
             if camp is None:
-                results[idx] = {"id": ev.id, "status": "rejected", "actions": [],
+                results[idx] = {"id": ev.id, "status": "rejected", "actions": _NONE,
                                 "errors": [f"campaign: unknown campaign {ev.campaign!r}"]}
                 continue
             key = f"{ev.campaign}\x00{ev.user}"
@@ -152,25 +155,27 @@ class ShardEngine:
             if st is None:
                 st = users[key] = UserState()
             digest = event_digest(ev.id)
-            if st.has_seen(digest):
-                results[idx] = {"id": ev.id, "status": "duplicate", "actions": [], "errors": []}
+            seen = st.seen
+            if digest in seen and st.has_seen(digest):
+                results[idx] = {"id": ev.id, "status": "duplicate", "actions": _NONE, "errors": _NONE}
                 continue
-            st.remember(digest, window)
-            dirty.add(key)
-            results[idx] = {"id": ev.id, "status": "applied", "actions": [], "errors": []}
-            if not camp.starts_ms <= ev.ts < camp.ends_ms:
+            seen += digest
+            st.seen = seen if len(seen) <= span else seen[-span:]
+            add_dirty(key)
+            results[idx] = {"id": ev.id, "status": "applied", "actions": _NONE, "errors": _NONE}
+            ts = ev.ts
+            if not camp.starts_ms <= ts < camp.ends_ms:
                 continue
             rs = camp.rulesets.get(ev.type)
             if rs is None:
                 continue
-            day = camp.clock.day(ev.ts)
+            day = camp.clock.day(ts)
             tb = type_b.get(ev.type)
             if tb is None:
                 tb = type_b[ev.type] = ev.type.encode()
             user_b = ev.user.encode()
-            cols += (ev.id.encode(), tb, user_b, camp.id_b, ev.ts, day, ev.blob,
-                     camp.id_b + b"\x00" + user_b, rs.handle)
-            work.append((idx, ev, key, st, day, camp, rs))
+            cols += (ev.id.encode(), tb, user_b, camp.id_b, ts, day, ev.blob, camp.id_b + b"\x00" + user_b, rs.handle)
+            add_work((idx, ev, st, day, camp, rs))
         outcome = BatchOutcome(results)
         if work:
             self._apply(work, self.sandbox.run_batch(cols, len(work)), outcome)
@@ -180,7 +185,7 @@ class ShardEngine:
         """Turn the rule runs' records into actions (through caps and budgets) and journal entries."""
         ri = 0
         journal, actions, failed, results = out.journal, out.actions, out.failed, out.results
-        for idx, ev, _key, st, day, camp, rs in work:
+        for idx, ev, st, day, camp, rs in work:
             res = results[idx]
             for rule in rs.rules:
                 err, changes, emits = records[ri]
@@ -188,20 +193,21 @@ class ShardEngine:
                 granted: list[dict[str, Any]] = []
                 refused: list[dict[str, Any]] = []
                 if err is not None:
-                    res["errors"].append(f"rule {rule.id}: {err}")
+                    res["errors"] = [*res["errors"], f"rule {rule.id}: {err}"]
                     failed.append(self._failed_entry(ev, rule, err))
                 elif emits:
                     for n, (atype, params) in enumerate(emits):
                         reason = self._admit(camp, st, atype, params, day)
-                        a = {"id": action_id(ev.campaign, ev.user, ev.id, rule.id, n), "type": atype,
-                             "campaign": ev.campaign, "user": ev.user, "params": params, "cause": ev.id,
-                             "rule": rule.id, "script_version": rule.version}
                         if reason:
                             refused.append({"type": atype, "params": params, "reason": reason})
                         else:
-                            granted.append(a)
+                            granted.append({
+                                "id": action_id(ev.campaign, ev.user, ev.id, rule.id, n), "type": atype,
+                                "campaign": ev.campaign, "user": ev.user, "params": params, "cause": ev.id,
+                                "rule": rule.id, "script_version": rule.version,
+                            })
                     if granted:
-                        res["actions"].extend(granted)
+                        res["actions"] = [*res["actions"], *granted]
                         actions.extend(granted)
                 journal.append({
                     "campaign": ev.campaign, "user": ev.user, "event": ev.id, "ts": ev.ts, "rule": rule.id,

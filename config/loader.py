@@ -1,8 +1,12 @@
-"""Load and validate a playbus YAML file; every mistake names the file, line, field path, value and expectation."""
+"""Load and validate a playbus YAML file.
+
+Every mistake names the file, line, field path, value and expectation.
+"""
 
 from __future__ import annotations
 
 import re
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +14,12 @@ import yaml
 from pydantic import ValidationError
 
 from config.errors import ConfigError
-from config.schema import Config
+from config.schema import BudgetConfig, CapConfig, Config, FieldCheckError
 
 __all__ = ["load_config", "parse_config"]
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(yaml.SafeLoader):  # type: ignore[misc, unused-ignore]
     """SafeLoader where only true/false are booleans: YAML 1.1 would read a bare `on:` key as True."""
 
 
@@ -70,6 +74,8 @@ def _fail(file: str, root: yaml.Node | None, data: Any, loc: tuple[Any, ...], ms
     line = _line_of(root, loc)
     where = f"{file}:{line}" if line else file
     found, value = _value_at(data, loc)
+    if isinstance(value, date):  # YAML timestamps arrive as datetime objects; show them as written
+        value = value.isoformat()
     got = f" (got {value!r})" if found and not isinstance(value, (dict, list)) else ""
     path = _fmt_path(loc)
     return ConfigError(f"{where}: {path}: {msg}{got}", file=file, path=path)
@@ -87,14 +93,45 @@ def parse_config(text: str, file: str = "<config>", base_dir: Path | None = None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{file}: expected a mapping at the top level, got {type(data).__name__}", file=file)
+        raise ConfigError(
+            f"{file}: expected a mapping at the top level, got {type(data).__name__}", file=file
+        )
+    _no_duplicate_keys(file, root)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldCheckError):  # a cross-field check that names the field it is about
+            loc += cause.loc
         raise _fail(file, root, data, loc, _expectation(err)) from None
     return _check_links(cfg, file, root, data, base_dir or Path.cwd())
+
+
+def _no_duplicate_keys(file: str, node: yaml.Node | None) -> None:
+    """PyYAML keeps the last of two equal keys: a second `caps:` would silently drop the first one's caps."""
+    stack: list[tuple[yaml.Node, tuple[Any, ...]]] = [(node, ())] if node is not None else []
+    visited: set[int] = set()  # aliases share nodes, and may even be recursive
+    while stack:
+        n, loc = stack.pop()
+        if id(n) in visited:
+            continue
+        visited.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            seen: set[Any] = set()
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode):
+                    if k.value in seen:
+                        path = _fmt_path((*loc, k.value))
+                        raise ConfigError(
+                            f"{file}:{k.start_mark.line + 1}: {path}: this key appears twice in one mapping "
+                            f"(the earlier value would be ignored)", file=file, path=path,
+                        )
+                    seen.add(k.value)
+                    stack.append((v, (*loc, k.value)))
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend((v, (*loc, i)) for i, v in enumerate(n.value))
 
 
 def _expectation(err: Any) -> str:
@@ -130,12 +167,16 @@ def _check_links(cfg: Config, file: str, root: yaml.Node | None, data: Any, base
                     f"cannot read script {str(path)!r}: {getattr(e, 'strerror', None) or e}",
                 ) from None
             rules.append(rule.model_copy(update={"script_name": path.stem, "source": source}))
-        for key, items in (("caps", camp.caps), ("budgets", camp.budgets)):
+        limits: tuple[tuple[str, tuple[CapConfig | BudgetConfig, ...]], ...] = (
+            ("caps", camp.caps), ("budgets", camp.budgets),
+        )
+        for key, items in limits:
             for i, item in enumerate(items):
                 if item.action not in emitted:
                     raise _fail(
                         file, root, data, ("campaigns", ci, key, i, "action"),
-                        f"no rule of this campaign emits {item.action!r} (emitted: {sorted(emitted) or 'none'})",
+                        f"no rule of this campaign emits {item.action!r} "
+                        f"(emitted: {sorted(emitted) or 'none'})",
                     )
         campaigns.append(camp.model_copy(update={"rules": tuple(rules)}))
     return cfg.model_copy(update={"campaigns": tuple(campaigns), "source_file": file})
@@ -147,5 +188,6 @@ def load_config(path: str | Path) -> Config:
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: cannot read config: {getattr(e, 'strerror', None) or e}", file=str(p)) from None
+        reason = getattr(e, "strerror", None) or e
+        raise ConfigError(f"{p}: cannot read config: {reason}", file=str(p)) from None
     return parse_config(text, file=str(p), base_dir=p.parent)

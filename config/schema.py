@@ -15,6 +15,7 @@ __all__ = [
     "CampaignConfig",
     "CapConfig",
     "Config",
+    "FieldCheckError",
     "RuleConfig",
     "SandboxConfig",
     "TargetConfig",
@@ -25,6 +26,15 @@ _ACTION_TYPE = r"^[a-z0-9_]+(\.[A-Za-z0-9_\-]+)+$"
 _EVENT_TYPE = r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$"
 
 
+class FieldCheckError(ValueError):
+    """A cross-field check's failure, naming the field it is about (`loc`, relative to the model checked)
+    so that the loader can point at that field's line and value rather than at the enclosing mapping."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -32,8 +42,8 @@ class _Strict(BaseModel):
 class BatchConfig(_Strict):
     """How shards cut the input into micro-batches (one Redis commit per batch)."""
 
-    max_events: int = Field(500, ge=1, le=100_000)
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    max_events: int = Field(default=500, ge=1, le=100_000)
+    max_wait_ms: float = Field(default=5.0, ge=0, le=10_000)
 
 
 class TargetConfig(_Strict):
@@ -54,8 +64,8 @@ class TargetConfig(_Strict):
 class SandboxConfig(_Strict):
     """Limits of one rule run: instructions executed and memory allocated."""
 
-    max_instructions: int = Field(1_000_000, ge=1_000, le=1_000_000_000)
-    max_memory_kb: int = Field(16_384, ge=256, le=1_048_576)
+    max_instructions: int = Field(default=1_000_000, ge=1_000, le=1_000_000_000)
+    max_memory_kb: int = Field(default=16_384, ge=256, le=1_048_576)
 
 
 class RuleConfig(_Strict):
@@ -72,9 +82,9 @@ class RuleConfig(_Strict):
     @field_validator("emits")
     @classmethod
     def _emits_are_action_types(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for t in v:
+        for i, t in enumerate(v):
             if not re.match(_ACTION_TYPE, t):
-                raise ValueError(f"{t!r} is not an action type like 'lottery.grant_chance'")
+                raise FieldCheckError((i,), "expected an action type like 'lottery.grant_chance'")
         return v
 
 
@@ -125,15 +135,17 @@ class CampaignConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> CampaignConfig:
         if self.ends <= self.starts:
-            raise ValueError(f"'ends' ({self.ends.isoformat()}) must be after 'starts' ({self.starts.isoformat()})")
+            raise FieldCheckError(("ends",), f"must be after 'starts' ({self.starts.isoformat()})")
         seen: set[str] = set()
-        for r in self.rules:
+        for i, r in enumerate(self.rules):
             if r.id in seen:
-                raise ValueError(f"rule id {r.id!r} appears twice")
+                raise FieldCheckError(("rules", i, "id"), "rule ids must be unique within a campaign")
             seen.add(r.id)
-        names = [b.name for b in self.budgets]
-        if len(set(names)) != len(names):
-            raise ValueError("budget names must be unique within a campaign")
+        names: set[str] = set()
+        for i, b in enumerate(self.budgets):
+            if b.name in names:
+                raise FieldCheckError(("budgets", i, "name"), "budget names must be unique within a campaign")
+            names.add(b.name)
         return self
 
     @property
@@ -161,10 +173,12 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.shards > self.key_groups:
-            raise ValueError(f"shards ({self.shards}) cannot exceed key_groups ({self.key_groups})")
-        ids = [c.id for c in self.campaigns]
-        if len(set(ids)) != len(ids):
-            raise ValueError("campaign ids must be unique")
+            raise FieldCheckError(("shards",), f"expected at most key_groups ({self.key_groups}) shards")
+        ids: set[str] = set()
+        for i, c in enumerate(self.campaigns):
+            if c.id in ids:
+                raise FieldCheckError(("campaigns", i, "id"), "campaign ids must be unique")
+            ids.add(c.id)
         return self
 
     def campaign(self, campaign_id: str) -> CampaignConfig | None:

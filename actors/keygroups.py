@@ -1,0 +1,42 @@
+"""Key groups: a stable hash of (campaign, user) picks one of a fixed number of groups; shards own groups.
+
+The number of groups is fixed for the life of the data (Flink's model): scaling moves whole groups between
+shards, never single users, and every Redis key of a group carries its hash tag so one group is one slot.
+"""
+
+from __future__ import annotations
+
+from zlib import crc32
+
+__all__ = ["groups_of_shard", "kg_tag", "key_group", "shard_of_group"]
+
+
+def key_group(user_key: str, n: int) -> int:
+    """The group (0..n-1) of a user key; crc32 of its UTF-8, so the same on every process and machine."""
+    return crc32(user_key.encode()) % n
+
+
+def shard_of_group(kg: int, shards: int, n: int) -> int:
+    """The shard owning group `kg` of `n`: contiguous ranges, sizes differing by at most one."""
+    if not 0 <= kg < n:
+        raise ValueError(f"key group {kg} is not in 0..{n - 1}")
+    if not 1 <= shards <= n:
+        raise ValueError(f"shards ({shards}) must be in 1..{n} (the number of key groups)")
+    return (kg * shards) // n
+
+
+def groups_of_shard(shard: int, shards: int, n: int) -> list[int]:
+    """The groups owned by `shard` of `shards`, the inverse of shard_of_group: a contiguous range."""
+    if not 1 <= shards <= n:
+        raise ValueError(f"shards ({shards}) must be in 1..{n} (the number of key groups)")
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
+    # Smallest kg with kg*shards//n >= shard is ceil(shard*n/shards).
+    first = -(-shard * n // shards)
+    end = -(-(shard + 1) * n // shards)
+    return list(range(first, end))
+
+
+def kg_tag(kg: int) -> str:
+    """The Redis Cluster hash tag of a group, e.g. "{kg17}": all keys of a group share one slot."""
+    return f"{{kg{kg}}}"

@@ -1,0 +1,364 @@
+"""RedisStore: the shard's durable side. One atomic, epoch-fenced Lua unit per key group and micro-batch.
+
+Key layout (the key group's hash tag keeps every key of a group in one Redis Cluster slot):
+    playbus:{kg17}:epoch               string  owner epoch (fencing token), INCR by each new owner
+    playbus:{kg17}:batch               string  token of the group's last commit (a re-sent commit is a no-op)
+    playbus:{kg17}:users               hash    user_key -> snapshot (msgpack bytes, see actors.state)
+    playbus:{kg17}:journal:<user_key>  list    decision journal entries (msgpack), newest first, trimmed
+    playbus:{kg17}:outbox              stream  field "action" = action JSON, for the delivery worker
+    playbus:{kg17}:failed              stream  field "entry" = failed rule run JSON, for replay (补单)
+Actions of a stream target are XADDed to the target stream (field "action") inside the group's unit: exactly
+once with the state on a single Redis. On Redis Cluster that stream is in another slot: pass no
+`stream_targets`, and every action goes through the outbox instead (at least once, same ids).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from typing import Any
+from zlib import crc32
+
+import msgpack
+import redis
+from redis.exceptions import NoScriptError
+
+from actors.errors import EngineError
+from actors.keygroups import kg_tag
+
+__all__ = ["COMMIT_LUA", "FencedError", "RedisStore", "StoreError", "group_prefix"]
+
+# KEYS: 1 epoch, 2 batch, 3 users, then journal keys, then stream keys (outbox, failed, target streams).
+# ARGV: epoch, batch token, journal limit, #snapshots, #journal keys, #streams,
+#       user_key/snapshot pairs, per journal key (count, entries oldest first),
+#       per stream (KEYS index, field, count, values).
+# Returns {"OK"}, {"DUP"} (this batch token was committed already: nothing written) or
+# {"FENCED", current epoch} (the caller is not the owner: nothing written).
+COMMIT_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur ~= ARGV[1] then return {'FENCED', cur or ''} end
+if redis.call('GET', KEYS[2]) == ARGV[2] then return {'DUP'} end
+redis.call('SET', KEYS[2], ARGV[2])
+local limit = tonumber(ARGV[3])
+local nsnap, njour, nstream = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local CHUNK = 1000  -- even, and well under Lua's unpack limit
+local a = 7
+local last = a + 2 * nsnap - 1
+while a <= last do
+  local j = math.min(a + CHUNK - 1, last)
+  redis.call('HSET', KEYS[3], unpack(ARGV, a, j))
+  a = j + 1
+end
+for k = 4, 3 + njour do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  last = a + n - 1
+  while a <= last do
+    local j = math.min(a + CHUNK - 1, last)
+    redis.call('LPUSH', KEYS[k], unpack(ARGV, a, j))
+    a = j + 1
+  end
+  redis.call('LTRIM', KEYS[k], 0, limit - 1)
+end
+for _ = 1, nstream do
+  local key, field, n = KEYS[tonumber(ARGV[a])], ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
+  for i = a, a + n - 1 do
+    redis.call('XADD', key, '*', field, ARGV[i])
+  end
+  a = a + n
+end
+return {'OK'}
+"""
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class StoreError(EngineError):
+    """A commit or a read failed inside Redis (not a fencing refusal)."""
+
+
+class FencedError(StoreError):
+    """Another owner claimed these key groups since our claim; nothing of ours was written to them."""
+
+    def __init__(self, message: str, groups: str = "") -> None:
+        super().__init__(message)
+        self.groups = groups  # comma-separated key groups, a plain string so it pickles
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # type: ignore[override]
+        return (type(self), (self.message, self.groups))
+
+    @property
+    def group_list(self) -> list[int]:
+        return [int(g) for g in self.groups.split(",") if g]
+
+
+def group_prefix(kg: int) -> str:
+    """"playbus:{kg17}:" - the prefix of every key of a group."""
+    return f"playbus:{kg_tag(kg)}:"
+
+
+class _Unit:
+    """What one commit writes to one key group."""
+
+    __slots__ = ("failed", "journal", "kg", "outbox", "snaps", "streams")
+
+    def __init__(self, kg: int) -> None:
+        self.kg = kg
+        self.snaps: list[Any] = []
+        self.journal: dict[str, list[bytes]] = {}
+        self.outbox: list[str] = []
+        self.failed: list[str] = []
+        self.streams: dict[str, list[str]] = {}
+
+
+class RedisStore:
+    """Snapshots, journal, outbox and failed runs of key groups in Redis; every commit is one round trip."""
+
+    def __init__(self, client: redis.Redis, key_groups: int, journal_limit: int = 100) -> None:
+        if client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("RedisStore needs a client with decode_responses=False (snapshots are bytes)")
+        if key_groups < 1 or journal_limit < 1:
+            raise ValueError("key_groups and journal_limit must be >= 1")
+        self.client = client
+        self.key_groups = key_groups
+        self.journal_limit = journal_limit
+        self.round_trips = 0  # network exchanges made by this store, for tests and metrics
+        self._script = client.register_script(COMMIT_LUA)
+        self._loaded = False
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+        self._token_prefix = os.urandom(6).hex()
+        self._seq = 0
+        self._prefix = [group_prefix(kg) for kg in range(key_groups)]
+
+    # -- keys --------------------------------------------------------------------------------------
+    def group_of(self, user_key: str) -> int:
+        return crc32(user_key.encode()) % self.key_groups
+
+    def users_key(self, kg: int) -> str:
+        return self._prefix[kg] + "users"
+
+    def epoch_key(self, kg: int) -> str:
+        return self._prefix[kg] + "epoch"
+
+    def outbox_key(self, kg: int) -> str:
+        return self._prefix[kg] + "outbox"
+
+    def failed_key(self, kg: int) -> str:
+        return self._prefix[kg] + "failed"
+
+    def journal_key(self, user_key: str) -> str:
+        return self._prefix[self.group_of(user_key)] + "journal:" + user_key
+
+    # -- ownership ---------------------------------------------------------------------------------
+    def claim(self, groups: Iterable[int]) -> dict[int, int]:
+        """Become the owner of these groups: INCR each epoch, which fences out any older owner."""
+        groups = list(groups)
+        if not groups:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for kg in groups:
+            pipe.incr(self.epoch_key(kg))
+        self.round_trips += 1
+        return {kg: int(e) for kg, e in zip(groups, pipe.execute())}
+
+    def epoch(self, kg: int) -> int:
+        """The group's current owner epoch (0 when never claimed)."""
+        self.round_trips += 1
+        return int(self.client.get(self.epoch_key(kg)) or 0)
+
+    # -- reads -------------------------------------------------------------------------------------
+    def load(self, user_keys: Iterable[str]) -> dict[str, bytes | None]:
+        """Snapshots of these users (None for a user never committed), in one pipelined round trip."""
+        by_group: dict[int, list[str]] = {}
+        n = self.key_groups
+        for k in user_keys:
+            kg = crc32(k.encode()) % n
+            g = by_group.get(kg)
+            if g is None:
+                by_group[kg] = [k]
+            else:
+                g.append(k)
+        if not by_group:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for kg, keys in by_group.items():
+            pipe.hmget(self.users_key(kg), keys)
+        self.round_trips += 1
+        out: dict[str, bytes | None] = {}
+        for keys, blobs in zip(by_group.values(), pipe.execute()):
+            out.update(zip(keys, blobs))
+        return out
+
+    def snapshot_of(self, user_key: str) -> bytes | None:
+        """One user's committed snapshot, or None."""
+        self.round_trips += 1
+        blob: bytes | None = self.client.hget(self.users_key(self.group_of(user_key)), user_key)
+        return blob
+
+    def scan_users(self, kg: int, count: int = 1000) -> Iterator[tuple[str, bytes]]:
+        """Every (user_key, snapshot) of a group, for a bulk load at start (HSCAN, not one huge reply)."""
+        for k, v in self.client.hscan_iter(self.users_key(kg), count=count):
+            yield k.decode(), v
+
+    def journal(self, user_key: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """The user's decision journal, newest first."""
+        n = self.journal_limit if limit is None else limit
+        if n <= 0:
+            return []
+        self.round_trips += 1
+        raw = self.client.lrange(self.journal_key(user_key), 0, n - 1)
+        return [msgpack.unpackb(b, raw=False, strict_map_key=False) for b in raw]
+
+    # -- the commit --------------------------------------------------------------------------------
+    def commit(
+        self,
+        epochs: Mapping[int, int],
+        snapshots: Mapping[str, bytes],
+        journal: Iterable[Mapping[str, Any]] = (),
+        actions: Iterable[Mapping[str, Any]] = (),
+        failed: Iterable[Mapping[str, Any]] = (),
+        stream_targets: Mapping[str, str] | None = None,
+        webhook_gameplays: Collection[str] = (),
+        batch_id: str | None = None,
+    ) -> list[int]:
+        """Write one micro-batch: one atomic unit per key group touched, all in one round trip.
+
+        Each unit checks the group's epoch against `epochs` first and writes nothing when fenced; the
+        other groups are committed and FencedError lists the fenced ones. Every unit carries a batch
+        token (`batch_id`, default a fresh one), so re-sending the same commit after a connection error
+        (redis-py's own retry, or the caller's with the same `batch_id`) writes nothing twice.
+        Returns the groups committed.
+        """
+        units: dict[int, _Unit] = {}
+        unit_of: dict[str, _Unit] = {}
+        n = self.key_groups
+
+        def unit(ukey: str) -> _Unit:
+            kg = crc32(ukey.encode()) % n
+            u = units.get(kg)
+            if u is None:
+                u = units[kg] = _Unit(kg)
+            unit_of[ukey] = u
+            return u
+
+        for ukey, blob in snapshots.items():
+            u = unit_of.get(ukey) or unit(ukey)
+            u.snaps += (ukey, blob)
+        pack, limit = self._pack, self.journal_limit
+        for entry in journal:
+            ukey = f"{entry['campaign']}\x00{entry['user']}"
+            u = unit_of.get(ukey) or unit(ukey)
+            lst = u.journal.get(ukey)
+            if lst is None:
+                lst = u.journal[ukey] = []
+            lst.append(pack(entry))
+        targets = stream_targets or {}
+        for a in actions:
+            ukey = f"{a['campaign']}\x00{a['user']}"
+            u = unit_of.get(ukey) or unit(ukey)
+            gameplay = a["type"].split(".", 1)[0]
+            stream = targets.get(gameplay)
+            if stream is not None:
+                s = u.streams.get(stream)
+                if s is None:
+                    s = u.streams[stream] = []
+                s.append(_dumps(a))
+            elif gameplay in webhook_gameplays:
+                u.outbox.append(_dumps(a))
+            else:
+                raise ValueError(f"action {a.get('id')!r}: no target for gameplay {gameplay!r}")
+        for f in failed:
+            ev = f["event"]
+            ukey = f"{ev['campaign']}\x00{ev['user']}"
+            u = unit_of.get(ukey) or unit(ukey)
+            u.failed.append(_dumps(f))
+        if not units:
+            return []
+        missing = sorted(kg for kg in units if kg not in epochs)
+        if missing:
+            raise ValueError(f"commit touches key groups {missing} that the caller has not claimed")
+
+        if batch_id is None:
+            self._seq += 1
+            batch_id = f"{self._token_prefix}-{self._seq}"
+        calls = [self._unit_call(u, epochs[u.kg], batch_id, limit) for u in units.values()]
+        results = self._run(calls)
+        fenced: list[str] = []
+        errors: list[str] = []
+        done: list[int] = []
+        for kg, r in zip(units, results):
+            if isinstance(r, Exception):
+                errors.append(f"group {kg}: {r}")
+            elif r[0] == b"FENCED":
+                fenced.append(f"{kg}")
+            else:
+                done.append(kg)
+        if errors:
+            raise StoreError("commit failed for " + "; ".join(errors))
+        if fenced:
+            raise FencedError(
+                f"key groups {', '.join(fenced)} were claimed by a newer owner; their writes were dropped",
+                ",".join(fenced),
+            )
+        return done
+
+    def _unit_call(self, u: _Unit, epoch: int, batch_id: str, limit: int) -> tuple[list[Any], list[Any]]:
+        """KEYS and ARGV of one group's commit script."""
+        p = self._prefix[u.kg]
+        keys: list[Any] = [p + "epoch", p + "batch", p + "users"]
+        jkeys = p + "journal:"
+        body: list[Any] = []
+        for ukey, entries in u.journal.items():
+            keys.append(jkeys + ukey)
+            if len(entries) > limit:
+                entries = entries[-limit:]
+            body.append(len(entries))
+            body += entries
+        nstreams = 0
+        if u.outbox:
+            keys.append(p + "outbox")
+            body += (len(keys), "action", len(u.outbox), *u.outbox)
+            nstreams += 1
+        if u.failed:
+            keys.append(p + "failed")
+            body += (len(keys), "entry", len(u.failed), *u.failed)
+            nstreams += 1
+        for stream, payloads in u.streams.items():
+            keys.append(stream)
+            body += (len(keys), "action", len(payloads), *payloads)
+            nstreams += 1
+        args: list[Any] = [epoch, batch_id, limit, len(u.snaps) // 2, len(u.journal), nstreams]
+        args += u.snaps
+        args += body
+        return keys, args
+
+    def _run(self, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+        """EVALSHA every unit in one pipeline (not redis-py's pipelined Script, which asks SCRIPT EXISTS
+        first: a second round trip). NOSCRIPT (a restarted or flushed Redis) loads it and re-sends those."""
+        if not self._loaded:
+            self.client.script_load(COMMIT_LUA)
+            self.round_trips += 1
+            self._loaded = True
+        sha = self._script.sha
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for i in todo:
+                keys, args = calls[i]
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            self.round_trips += 1
+            out = pipe.execute(raise_on_error=False)
+            retry = []
+            for i, r in zip(todo, out):
+                if isinstance(r, NoScriptError):
+                    retry.append(i)
+                results[i] = r
+            if not retry or attempt:
+                break
+            self.client.script_load(COMMIT_LUA)
+            self.round_trips += 1
+            todo = retry
+        return results

@@ -1,0 +1,5 @@
+import sys
+
+from playbus.cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""The `playbus` command: dry runs of the decision engine, and script operations over the admin API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from actors.engine import ShardEngine, user_key
+from config.errors import ConfigError
+from config.loader import load_config
+from scripting.errors import ScriptError
+
+__all__ = ["main"]
+
+
+class CliError(Exception):
+    """A problem the user must fix; printed as one line, exit code 2."""
+
+
+def _read_lines(path: str) -> Iterator[tuple[int, str]]:
+    if path == "-":
+        for n, line in enumerate(sys.stdin, 1):
+            yield n, line
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            yield from enumerate(f, 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"{path}: cannot read events: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _read_context(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"{path}: cannot read context: {getattr(e, 'strerror', None) or e}") from None
+    except json.JSONDecodeError as e:
+        raise CliError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise CliError(f"{path}: expected a JSON object (the starting context of every user), got {type(value).__name__}")
+    return value
+
+
+def dry_run(config_path: str, events_path: str, context_path: str | None, now_ms: int | None, out: TextIO) -> int:
+    """Run every event through the whole engine in-process; one JSON line per event."""
+    try:
+        cfg = load_config(config_path)
+        engine = ShardEngine(cfg)
+    except (ConfigError, ScriptError) as e:
+        raise CliError(str(e)) from None
+    start_ctx = _read_context(context_path)
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    for n, line in _read_lines(events_path):
+        if not line.strip():
+            continue
+        try:
+            raw: Any = json.loads(line)
+        except json.JSONDecodeError as e:
+            out.write(json.dumps({"id": None, "status": "rejected", "actions": [],
+                                  "errors": [f"line {n}: not valid JSON: {e.msg}"], "context": None}) + "\n")
+            continue
+        if start_ctx and isinstance(raw, dict):
+            for key in engine.missing([raw]):
+                engine.restore(key, None)
+                engine.sandbox.load_context(key, start_ctx)
+        outcome = engine.process([raw], now)
+        result = dict(outcome.results[0])
+        result["actions"], result["errors"] = list(result["actions"]), list(result["errors"])
+        ctx = None
+        if result["status"] != "rejected":
+            ctx = engine.contexts([user_key(raw["campaign"], raw["user"])])[0]
+        result["context"] = ctx
+        out.write(json.dumps(result, ensure_ascii=False, default=str) + "\n")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="playbus", description="playbus: the campaign orchestration engine")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("dry-run", help="decide events in-process (no Ray, no Redis) and print the results")
+    d.add_argument("--config", default="config/example.yaml", help="campaign config (default: %(default)s)")
+    d.add_argument("--events", required=True, help="events, one JSON object per line ('-' for stdin)")
+    d.add_argument("--context", help="JSON object: the starting context of every user the events touch")
+    d.add_argument("--now", type=int, help="receive time in ms for events without ts (default: now)")
+    from playbus.admin import add_scripts_parser
+
+    add_scripts_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "dry-run":
+            return dry_run(args.config, args.events, args.context, args.now, sys.stdout)
+        from playbus.admin import run_scripts_command
+
+        return run_scripts_command(args, sys.stdout)
+    except CliError as e:
+        print(f"playbus: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
