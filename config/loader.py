@@ -49,15 +49,16 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     line = node.start_mark.line + 1 if node is not None else None
     for part in loc:
         if isinstance(node, yaml.MappingNode):
-            nxt = next((v for k, v in node.value if k.value == part), None)
+            # The key's line: a block value (a list under `caps:`) starts on the line after it.
+            pair = next(((k, v) for k, v in node.value if k.value == part), None)
+            if pair is None:
+                break
+            line, node = pair[0].start_mark.line + 1, pair[1]
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            nxt = node.value[part]
+            node = node.value[part]
+            line = node.start_mark.line + 1
         else:
-            nxt = None
-        if nxt is None:
             break
-        node = nxt
-        line = node.start_mark.line + 1
     return line
 
 

@@ -162,7 +162,7 @@ class Config(_Strict):
 
     shards: int = Field(4, ge=1, le=1024)
     key_groups: int = Field(128, ge=1, le=65_536)
-    dedup_window: int = Field(64, ge=1, le=100_000)
+    dedup_window: int = Field(32, ge=1, le=100_000)
     batch: BatchConfig = BatchConfig()
     sandbox: SandboxConfig = SandboxConfig()
     targets: dict[str, TargetConfig] = {}

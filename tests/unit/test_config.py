@@ -1,4 +1,4 @@
-"""The config loader: the example loads, and every kind of mistake names file, line, field, value, expectation."""
+"""The config loader: the example loads; each mistake names the file, line, field, value and expectation."""
 
 from __future__ import annotations
 
@@ -195,8 +195,8 @@ def test_ends_before_starts_points_at_ends(tmp_path: Path) -> None:
 
 
 def test_duplicate_rule_id_points_at_the_second_rule(tmp_path: Path) -> None:
-    text = edit("    caps:\n", "      - {id: first_quiz_lottery, on: task.completed, script: scripts/rule.lua}\n"
-                                "    caps:\n")
+    second = "      - {id: first_quiz_lottery, on: task.completed, script: scripts/rule.lua}\n"
+    text = edit("    caps:\n", second + "    caps:\n")
     err, path = fail(tmp_path, text)
     assert_message(err, path, line_of(text, "{id: first_quiz_lottery"), "campaigns[0].rules[1].id",
                    "rule ids must be unique", "(got 'first_quiz_lottery')")
