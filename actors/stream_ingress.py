@@ -1,0 +1,147 @@
+"""Stream ingress: bulk producers XADD events to `playbus:in`; this reader feeds them to the shards.
+
+Entries are read with a consumer group in batches (COUNT >= 500), routed like HTTP events, acknowledged
+only after the shards committed them; a restarted reader first re-reads its own pending entries and claims
+those of dead readers, and dedup (committed with the state) turns a re-read into `duplicate`. Invalid
+events go to `playbus:rejected` with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from actors.router import Router
+
+__all__ = ["IN_STREAM", "REJECTED_STREAM", "StreamIngress", "decode_entry"]
+
+log = logging.getLogger("playbus.stream")
+IN_STREAM = "playbus:in"
+REJECTED_STREAM = "playbus:rejected"
+GROUP = "playbus"
+ShardCall = Callable[[int, str, Sequence[Any]], Awaitable[Any]]
+
+
+def decode_entry(fields: dict[bytes, bytes]) -> tuple[Any, str]:
+    """(event, "") or (None, reason) for one stream entry (field "event": JSON or msgpack)."""
+    raw = fields.get(b"event")
+    if raw is None:
+        return None, 'entry has no field "event"'
+    if len(raw) > 64 * 1024:
+        return None, f"event of {len(raw)} bytes is too large"
+    try:
+        if raw[:1] in (b"{", b"[", b" "):
+            return json.loads(raw), ""
+        return msgpack.unpackb(raw, raw=False, strict_map_key=False), ""
+    except Exception as e:  # noqa: BLE001 - any decoding failure is a rejection
+        return None, f"event is neither JSON nor msgpack: {e}"
+
+
+class StreamIngress:
+    """Reads `playbus:in` and calls the shards; `run()` until `stop` is set."""
+
+    def __init__(self, redis_url: str, router: Router, call_shard: ShardCall, consumer: str = "reader-0",
+                 count: int = 1000, inflight: int = 4, claim_idle_ms: int = 30_000) -> None:
+        self.client = aioredis.Redis.from_url(redis_url)
+        self.router = router
+        self.call_shard = call_shard
+        self.consumer = consumer
+        self.count = count
+        self.claim_idle_ms = claim_idle_ms
+        self._slots = asyncio.Semaphore(inflight)
+        self.applied = self.duplicates = self.rejected = self.batches = 0
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.client.xgroup_create(IN_STREAM, GROUP, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self._ensure_group()
+        tasks: set[asyncio.Task[None]] = set()
+        # First our own pending entries (a restart), then entries of readers that died.
+        backlog = True
+        while not stop.is_set():
+            try:
+                if backlog:
+                    resp = await self.client.xreadgroup(GROUP, self.consumer, {IN_STREAM: "0"}, count=self.count)
+                    entries = resp[0][1] if resp else []
+                    if not entries:
+                        backlog = False
+                        claimed = await self.client.xautoclaim(IN_STREAM, GROUP, self.consumer,
+                                                               self.claim_idle_ms, "0-0", count=self.count)
+                        entries = claimed[1]
+                else:
+                    resp = await self.client.xreadgroup(GROUP, self.consumer, {IN_STREAM: ">"},
+                                                        count=self.count, block=200)
+                    entries = resp[0][1] if resp else []
+            except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as e:
+                log.warning("stream ingress: redis unavailable (%s); retrying", e)
+                await asyncio.sleep(0.5)
+                continue
+            if not entries:
+                continue
+            await self._slots.acquire()
+            t = asyncio.get_running_loop().create_task(self._handle(entries))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        try:
+            await self.handle_entries(entries)
+        except Exception as e:  # noqa: BLE001 - left pending: re-read after a restart or a claim
+            log.warning("stream ingress: batch of %d left pending: %s", len(entries), e)
+        finally:
+            self._slots.release()
+
+    async def handle_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        ids, events, bad = [], [], []
+        for eid, fields in entries:
+            ev, reason = decode_entry(fields)
+            if ev is None:
+                bad.append((eid, fields.get(b"event", b""), reason))
+            else:
+                ids.append(eid)
+                events.append(ev)
+        results: list[dict[str, Any]] = []
+        if events:
+            parts = self.router.split(events)
+            replies = await asyncio.gather(*(self.call_shard(s, "process", (msgpack.packb(evs),))
+                                             for s, (_, evs) in parts.items()))
+            results = [None] * len(events)  # type: ignore[list-item]
+            for (pos, _), reply in zip(parts.values(), replies, strict=False):
+                for i, r in zip(pos, msgpack.unpackb(reply, raw=False), strict=False):
+                    results[i] = r
+        pipe = self.client.pipeline(transaction=False)
+        for eid, raw, reason in bad:
+            pipe.xadd(REJECTED_STREAM, {"entry": eid, "event": raw[:65536], "reason": reason})
+        for eid, ev, r in zip(ids, events, results, strict=False):
+            if r["status"] == "rejected":
+                pipe.xadd(REJECTED_STREAM, {"entry": eid, "event": json.dumps(ev, default=str)[:65536],
+                                            "reason": "; ".join(r["errors"])})
+                self.rejected += 1
+            elif r["status"] == "duplicate":
+                self.duplicates += 1
+            else:
+                self.applied += 1
+        self.rejected += len(bad)
+        all_ids = [eid for eid, _ in entries]
+        pipe.xack(IN_STREAM, GROUP, *all_ids)
+        pipe.xdel(IN_STREAM, *all_ids)
+        await pipe.execute()
+        self.batches += 1
+
+    def stats(self) -> dict[str, int]:
+        return {"applied": self.applied, "duplicates": self.duplicates, "rejected": self.rejected,
+                "batches": self.batches}
