@@ -107,11 +107,10 @@ class Cluster:
 
     def watch(self) -> None:
         """Keep the background loops running after an actor restart (start() is idempotent)."""
-        for a in (self.stream, self.delivery):
-            try:
-                a.start.remote()
-            except Exception as e:  # noqa: BLE001 - the next round tries again
-                log.debug("watchdog: %s", e)
+        try:
+            self.stream.start.remote()  # the delivery actor restarts its own loop in __init__
+        except Exception as e:  # noqa: BLE001 - the next round tries again
+            log.debug("watchdog: %s", e)
 
     def stop(self) -> None:
         import ray
