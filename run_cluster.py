@@ -113,28 +113,36 @@ class Cluster:
             log.debug("watchdog: %s", e)
 
     def stop(self) -> None:
+        """Stop taking input, let in-flight batches commit, give budget leases back, then end everything.
+
+        Every answered batch is already committed and the outboxes are durable, so nothing needs flushing
+        beyond the stream reader's in-flight batches (re-read and deduplicated if cut short anyway).
+        """
         import ray
 
         print("playbus: stopping ...", flush=True)
-        if self.serve_started:
-            from ray import serve
-
+        if self.stream is not None:
             try:
-                serve.shutdown()
+                ray.get(self.stream.stop.remote(), timeout=10)
             except Exception as e:  # noqa: BLE001
-                log.warning("serve shutdown: %s", e)
-        for name, a in (("stream ingress", self.stream), ("delivery", self.delivery)):
-            if a is not None:
-                try:
-                    ray.get(a.stop.remote(), timeout=15)
-                except Exception as e:  # noqa: BLE001
-                    log.warning("%s stop: %s", name, e)
-        for s in self.shards:
+                log.warning("stream ingress stop: %s", e)
+        if self.shards:
             try:
-                ray.get(s.close.remote(), timeout=15)
+                ray.get([s.close.remote() for s in self.shards], timeout=10)
             except Exception as e:  # noqa: BLE001
                 log.warning("shard close: %s", e)
         if self.ray_started:
+            if self.args.address:
+                # A shared cluster: remove only what we started.
+                from ray import serve
+
+                try:
+                    serve.delete("playbus")
+                except Exception as e:  # noqa: BLE001
+                    log.warning("serve delete: %s", e)
+                for a in [*self.shards, self.stream, self.delivery]:
+                    if a is not None:
+                        ray.kill(a, no_restart=True)
             ray.shutdown()
         if self.redis_server is not None:
             self.redis_server.stop()
@@ -146,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     cluster = Cluster(args)
     try:
         cluster.start()
+        # After ray.init, which installs handlers of its own: ours only ask the main loop to stop.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(5):
             cluster.watch()
     finally:

@@ -61,4 +61,4 @@ class _DeliveryActor:
         return self.stats()
 
 
-DeliveryActor = ray.remote(max_restarts=-1, max_task_retries=-1)(_DeliveryActor)
+DeliveryActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_DeliveryActor)

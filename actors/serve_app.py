@@ -38,7 +38,11 @@ async def call_with_retry(handle: Any, method: str, args: Sequence[Any], deadlin
             delay = min(delay * 2, 1.0)
 
 
-@serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
+@serve.deployment(
+    max_ongoing_requests=512,
+    ray_actor_options={"num_cpus": 0},
+    logging_config={"enable_access_log": False},  # no log line per request; the shards log per batch
+)
 class Ingress:
     """POST /v1/events and the rest of the HTTP API."""
 
