@@ -37,7 +37,7 @@ def decode_entry(fields: dict[bytes, bytes]) -> tuple[Any, str]:
     if len(raw) > 64 * 1024:
         return None, f"event of {len(raw)} bytes is too large"
     try:
-        if raw[:1] in (b"{", b"[", b" "):
+        if raw.lstrip()[:1] in (b"{", b"["):
             return json.loads(raw), ""
         return msgpack.unpackb(raw, raw=False, strict_map_key=False), ""
     except Exception as e:  # noqa: BLE001 - any decoding failure is a rejection
@@ -57,6 +57,7 @@ class StreamIngress:
         self.claim_idle_ms = claim_idle_ms
         self._slots = asyncio.Semaphore(inflight)
         self.applied = self.duplicates = self.rejected = self.batches = 0
+        self._reread = False
 
     async def _ensure_group(self) -> None:
         try:
@@ -68,18 +69,34 @@ class StreamIngress:
     async def run(self, stop: asyncio.Event) -> None:
         await self._ensure_group()
         tasks: set[asyncio.Task[None]] = set()
-        # First our own pending entries (a restart), then entries of readers that died.
-        backlog = True
+        # First our own pending entries (a restart), then entries of readers that died, then new ones.
+        # The cursors move on past what was read, so an entry still in flight is never read again.
+        phase, cursor = "own", "0"
+        resp: Any
+        entries: Any
         while not stop.is_set():
+            if self._reread:
+                # A batch failed and is still pending under our name: read our pending entries again,
+                # once the batches in flight are done (else they would be read twice).
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                self._reread = False
+                phase, cursor = "own", "0"
+                await asyncio.sleep(0.5)
             try:
-                if backlog:
-                    resp = await self.client.xreadgroup(GROUP, self.consumer, {IN_STREAM: "0"}, count=self.count)
+                if phase == "own":
+                    resp = await self.client.xreadgroup(GROUP, self.consumer, {IN_STREAM: cursor}, count=self.count)
                     entries = resp[0][1] if resp else []
-                    if not entries:
-                        backlog = False
-                        claimed = await self.client.xautoclaim(IN_STREAM, GROUP, self.consumer,
-                                                               self.claim_idle_ms, "0-0", count=self.count)
-                        entries = claimed[1]
+                    if entries:
+                        cursor = entries[-1][0]
+                    else:
+                        phase, cursor = "claim", "0-0"
+                elif phase == "claim":
+                    claimed: Any = await self.client.xautoclaim(IN_STREAM, GROUP, self.consumer,
+                                                           self.claim_idle_ms, cursor, count=self.count)
+                    cursor, entries = claimed[0], claimed[1]
+                    if cursor in (b"0-0", "0-0"):
+                        phase = "new"
                 else:
                     resp = await self.client.xreadgroup(GROUP, self.consumer, {IN_STREAM: ">"},
                                                         count=self.count, block=200)
@@ -87,6 +104,12 @@ class StreamIngress:
             except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as e:
                 log.warning("stream ingress: redis unavailable (%s); retrying", e)
                 await asyncio.sleep(0.5)
+                continue
+            except ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                await self._ensure_group()  # the stream or the group was deleted (e.g. a Redis without data)
+                phase, cursor = "own", "0"
                 continue
             if not entries:
                 continue
@@ -102,14 +125,17 @@ class StreamIngress:
             await self.handle_entries(entries)
         except Exception as e:  # noqa: BLE001 - left pending: re-read after a restart or a claim
             log.warning("stream ingress: batch of %d left pending: %s", len(entries), e)
+            self._reread = True
         finally:
             self._slots.release()
 
     async def handle_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         ids, events, bad = [], [], []
         for eid, fields in entries:
+            if not fields:
+                continue  # deleted while pending (XADD cannot add an entry without fields): just ack it
             ev, reason = decode_entry(fields)
-            if ev is None:
+            if reason:
                 bad.append((eid, fields.get(b"event", b""), reason))
             else:
                 ids.append(eid)
