@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import Any
 
 import redis
@@ -44,6 +45,7 @@ class ShardCore:
         self.batches = 0
         self.events = 0
         self.last_commit_ms = 0.0
+        self.commit_ms: deque[float] = deque(maxlen=10_000)  # recent commit latencies, for metrics
 
     def _load_scripts(self) -> None:
         """Seed each rule's file as version 1, then load every stored version and the active ones."""
@@ -88,6 +90,7 @@ class ShardCore:
             self._forget(dirty)
             raise
         self.last_commit_ms = (time.perf_counter() - t) * 1000
+        self.commit_ms.append(self.last_commit_ms)
         self.batches += 1
         self.events += len(events)
         log.debug("shard %d batch %d: %d events, %d actions, commit %.2f ms", self.shard, self.batches,

@@ -101,6 +101,12 @@ class _UserActivityActor:
         h["queued"] = self._pending_n
         return h
 
+    async def commit_latencies(self) -> list[float]:
+        return list(self.core.commit_ms)
+
+    async def reset_stats(self) -> None:
+        self.core.commit_ms.clear()
+
     async def close(self) -> None:
         self.core.close()
 

@@ -27,50 +27,66 @@ from redis.exceptions import NoScriptError
 from actors.errors import EngineError
 from actors.keygroups import kg_tag
 
-__all__ = ["COMMIT_LUA", "FencedError", "RedisStore", "StoreError", "group_prefix"]
+__all__ = ["COMMIT_LUA", "COMMIT_MANY_LUA", "FencedError", "RedisStore", "StoreError", "group_prefix"]
 
-# KEYS: 1 epoch, 2 batch, 3 users, then journal keys, then stream keys (outbox, failed, target streams).
-# ARGV: epoch, batch token, journal limit, #snapshots, #journal keys, #streams,
+# One unit = one key group's share of a micro-batch, written by `unit(k, a)`:
+# KEYS from k: epoch, batch, users, then journal keys, then stream keys (outbox, failed, target streams).
+# ARGV from a: epoch, batch token, journal limit, #snapshots, #journal keys, #streams,
 #       user_key/snapshot pairs, per journal key (count, entries oldest first),
-#       per stream (KEYS index, field, count, values).
-# Returns {"OK"}, {"DUP"} (this batch token was committed already: nothing written) or
+#       per stream (KEYS index within the unit, 1-based; field; count; values).
+# A unit returns {"OK"}, {"DUP"} (this batch token was committed already: nothing written) or
 # {"FENCED", current epoch} (the caller is not the owner: nothing written).
-COMMIT_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if cur ~= ARGV[1] then return {'FENCED', cur or ''} end
-if redis.call('GET', KEYS[2]) == ARGV[2] then return {'DUP'} end
-redis.call('SET', KEYS[2], ARGV[2])
-local limit = tonumber(ARGV[3])
-local nsnap, njour, nstream = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local CHUNK = 1000  -- even, and well under Lua's unpack limit
-local a = 7
-local last = a + 2 * nsnap - 1
-while a <= last do
-  local j = math.min(a + CHUNK - 1, last)
-  redis.call('HSET', KEYS[3], unpack(ARGV, a, j))
-  a = j + 1
-end
-for k = 4, 3 + njour do
-  local n = tonumber(ARGV[a])
-  a = a + 1
-  last = a + n - 1
-  local len = 0
+_UNIT_LUA = """
+local function unit(k0, a0)
+  local cur = redis.call('GET', KEYS[k0])
+  if cur ~= ARGV[a0] then return {'FENCED', cur or ''} end
+  if redis.call('GET', KEYS[k0 + 1]) == ARGV[a0 + 1] then return {'DUP'} end
+  redis.call('SET', KEYS[k0 + 1], ARGV[a0 + 1])
+  local limit = tonumber(ARGV[a0 + 2])
+  local nsnap, njour, nstream = tonumber(ARGV[a0 + 3]), tonumber(ARGV[a0 + 4]), tonumber(ARGV[a0 + 5])
+  local CHUNK = 1000  -- even, and well under Lua's unpack limit
+  local a = a0 + 6
+  local last = a + 2 * nsnap - 1
   while a <= last do
     local j = math.min(a + CHUNK - 1, last)
-    len = redis.call('LPUSH', KEYS[k], unpack(ARGV, a, j))
+    redis.call('HSET', KEYS[k0 + 2], unpack(ARGV, a, j))
     a = j + 1
   end
-  if len > limit then redis.call('LTRIM', KEYS[k], 0, limit - 1) end
-end
-for _ = 1, nstream do
-  local key, field, n = KEYS[tonumber(ARGV[a])], ARGV[a + 1], tonumber(ARGV[a + 2])
-  a = a + 3
-  for i = a, a + n - 1 do
-    redis.call('XADD', key, '*', field, ARGV[i])
+  for k = k0 + 3, k0 + 2 + njour do
+    local n = tonumber(ARGV[a])
+    a = a + 1
+    last = a + n - 1
+    local len = 0
+    while a <= last do
+      local j = math.min(a + CHUNK - 1, last)
+      len = redis.call('LPUSH', KEYS[k], unpack(ARGV, a, j))
+      a = j + 1
+    end
+    if len > limit then redis.call('LTRIM', KEYS[k], 0, limit - 1) end
   end
-  a = a + n
+  for _ = 1, nstream do
+    local key, field, n = KEYS[k0 - 1 + tonumber(ARGV[a])], ARGV[a + 1], tonumber(ARGV[a + 2])
+    a = a + 3
+    for i = a, a + n - 1 do
+      redis.call('XADD', key, '*', field, ARGV[i])
+    end
+    a = a + n
+  end
+  return {'OK'}
 end
-return {'OK'}
+"""
+# One key group per call: every key in one slot, valid on Redis Cluster.
+COMMIT_LUA = _UNIT_LUA + "return unit(1, 1)\n"
+# Every group of a batch in one call (single Redis): ARGV[1] = #units, then per unit #keys, #args, its args.
+# Each unit is still fenced and deduplicated on its own; one call saves the per-call cost of ~100 groups.
+COMMIT_MANY_LUA = _UNIT_LUA + """
+local out, k, a = {}, 1, 2
+for u = 1, tonumber(ARGV[1]) do
+  local nk, na = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  out[u] = unit(k, a + 2)
+  k, a = k + nk, a + 2 + na
+end
+return out
 """
 
 
@@ -132,7 +148,10 @@ class _Unit:
 class RedisStore:
     """Snapshots, journal, outbox and failed runs of key groups in Redis; every commit is one round trip."""
 
-    def __init__(self, client: redis.Redis, key_groups: int, journal_limit: int = 100) -> None:
+    def __init__(
+        self, client: redis.Redis, key_groups: int, journal_limit: int = 100, per_group_calls: bool = False
+    ) -> None:
+        """`per_group_calls`: one script call per key group (Redis Cluster); else one call per commit."""
         if client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("RedisStore needs a client with decode_responses=False (snapshots are bytes)")
         if key_groups < 1 or journal_limit < 1:
@@ -141,7 +160,9 @@ class RedisStore:
         self.key_groups = key_groups
         self.journal_limit = journal_limit
         self.round_trips = 0  # network exchanges made by this store, for tests and metrics
+        self.per_group_calls = per_group_calls
         self._script = client.register_script(COMMIT_LUA)
+        self._many = client.register_script(COMMIT_MANY_LUA)
         self._loaded = False
         self._pack = msgpack.Packer(use_bin_type=True).pack
         self._token_prefix = os.urandom(6).hex()
@@ -353,12 +374,26 @@ class RedisStore:
         return keys, args
 
     def _run(self, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
-        """EVALSHA every unit in one pipeline (not redis-py's pipelined Script, which asks SCRIPT EXISTS
-        first: a second round trip). NOSCRIPT (a restarted or flushed Redis) loads it and re-sends those."""
+        """EVALSHA the units in one pipeline, one call per unit or all in one call (not redis-py's pipelined
+        Script, which asks SCRIPT EXISTS first: a second round trip). NOSCRIPT (a restarted or flushed
+        Redis) loads the scripts and re-sends what failed."""
         if not self._loaded:
-            self.client.script_load(COMMIT_LUA)
-            self.round_trips += 1
-            self._loaded = True
+            self._load_scripts()
+        if not self.per_group_calls:
+            keys: list[Any] = []
+            args: list[Any] = [len(calls)]
+            for k, a in calls:
+                keys += k
+                args += (len(k), len(a), *a)
+            for attempt in range(2):
+                self.round_trips += 1
+                try:
+                    out: Any = self.client.evalsha(self._many.sha, len(keys), *keys, *args)
+                    return list(out)
+                except NoScriptError:
+                    if attempt:
+                        raise
+                    self._load_scripts()
         sha = self._script.sha
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
@@ -376,7 +411,14 @@ class RedisStore:
                 results[i] = r
             if not retry or attempt:
                 break
-            self.client.script_load(COMMIT_LUA)
-            self.round_trips += 1
+            self._load_scripts()
             todo = retry
         return results
+
+    def _load_scripts(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.script_load(COMMIT_LUA)
+        pipe.script_load(COMMIT_MANY_LUA)
+        pipe.execute()
+        self.round_trips += 1
+        self._loaded = True
