@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from config.schema import CapConfig
 
-__all__ = ["CapBook"]
+__all__ = ["KEEP_PERIODS", "CapBook"]
+
+KEEP_PERIODS = 8  # recent periods counted per cap and user; an event older than all of them is refused
 
 
 class CapBook:
     """The caps of one campaign, indexed by action type.
 
-    A user's counters are a dict {cap index: [period key, count]}; a new period starts the count at 0.
+    A user's counters are {cap index: {period key: count}}, the KEEP_PERIODS most recent periods, so that
+    late or interleaved events of different days each count against their own day. An event for a period
+    older than every one kept, once that many are kept, is refused: its count is no longer known, and a
+    cap must never be exceeded.
     """
 
     def __init__(self, caps: tuple[CapConfig, ...]) -> None:
@@ -26,21 +31,26 @@ class CapBook:
             return (day + 3) // 7
         return 0
 
-    def refusal(self, counters: dict[int, list[int]] | None, action: str, day: int) -> str:
+    def refusal(self, counters: dict[int, dict[int, int]] | None, action: str, day: int) -> str:
         """Why one more `action` would exceed a cap, or "" when it fits."""
         for i, cap in self.by_action.get(action, ()):
-            c = counters.get(i) if counters else None
-            used = c[1] if c is not None and c[0] == self._period(cap, day) else 0
+            periods = counters.get(i) if counters else None
+            period = self._period(cap, day)
+            used = periods.get(period, 0) if periods else 0
             if used >= cap.per_user:
                 return f"cap: at most {cap.per_user} {action} per user per {cap.period}"
+            if periods and period not in periods and len(periods) >= KEEP_PERIODS and period < min(periods):
+                return f"cap: {action} for a {cap.period} older than the {KEEP_PERIODS} counted"
         return ""
 
-    def count(self, counters: dict[int, list[int]], action: str, day: int) -> None:
+    def count(self, counters: dict[int, dict[int, int]], action: str, day: int) -> None:
         """Count one granted `action` against every cap on it."""
         for i, cap in self.by_action.get(action, ()):
             period = self._period(cap, day)
-            c = counters.get(i)
-            if c is None or c[0] != period:
-                counters[i] = [period, 1]
-            else:
-                c[1] += 1
+            periods = counters.get(i)
+            if periods is None:
+                counters[i] = {period: 1}
+                continue
+            periods[period] = periods.get(period, 0) + 1
+            if len(periods) > KEEP_PERIODS:
+                del periods[min(periods)]

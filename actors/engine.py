@@ -22,8 +22,6 @@ from scripting.sandbox import Sandbox
 
 __all__ = ["BatchOutcome", "ShardEngine", "action_id", "user_key"]
 
-_NONE: tuple[Any, ...] = ()  # shared empty actions/errors of a result; replaced by a list when filled
-
 
 def user_key(campaign: str, user: str) -> str:
     """The key of one user's state; campaign ids cannot contain NUL, so it splits back unambiguously."""
@@ -143,11 +141,11 @@ class ShardEngine:
             if ev is None:
                 rid = raw.get("id") if type(raw) is dict else None
                 results[idx] = {"id": rid if type(rid) is str else None, "status": "rejected",
-                                "actions": _NONE, "errors": [reason]}
+                                "actions": [], "errors": [reason]}
                 continue
             camp = campaigns.get(ev.campaign)
             if camp is None:
-                results[idx] = {"id": ev.id, "status": "rejected", "actions": _NONE,
+                results[idx] = {"id": ev.id, "status": "rejected", "actions": [],
                                 "errors": [f"campaign: unknown campaign {ev.campaign!r}"]}
                 continue
             key = f"{ev.campaign}\x00{ev.user}"
@@ -157,12 +155,12 @@ class ShardEngine:
             digest = event_digest(ev.id)
             seen = st.seen
             if digest in seen and st.has_seen(digest):
-                results[idx] = {"id": ev.id, "status": "duplicate", "actions": _NONE, "errors": _NONE}
+                results[idx] = {"id": ev.id, "status": "duplicate", "actions": [], "errors": []}
                 continue
             seen += digest
             st.seen = seen if len(seen) <= span else seen[-span:]
             add_dirty(key)
-            results[idx] = {"id": ev.id, "status": "applied", "actions": _NONE, "errors": _NONE}
+            results[idx] = {"id": ev.id, "status": "applied", "actions": [], "errors": []}
             ts = ev.ts
             if not camp.starts_ms <= ts < camp.ends_ms:
                 continue
@@ -193,7 +191,7 @@ class ShardEngine:
                 granted: list[dict[str, Any]] = []
                 refused: list[dict[str, Any]] = []
                 if err is not None:
-                    res["errors"] = [*res["errors"], f"rule {rule.id}: {err}"]
+                    res["errors"].append(f"rule {rule.id}: {err}")
                     failed.append(self._failed_entry(ev, rule, err))
                 elif emits:
                     for n, (atype, params) in enumerate(emits):
@@ -207,7 +205,7 @@ class ShardEngine:
                                 "rule": rule.id, "script_version": rule.version,
                             })
                     if granted:
-                        res["actions"] = [*res["actions"], *granted]
+                        res["actions"].extend(granted)
                         actions.extend(granted)
                 journal.append({
                     "campaign": ev.campaign, "user": ev.user, "event": ev.id, "ts": ev.ts, "rule": rule.id,

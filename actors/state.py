@@ -30,7 +30,7 @@ class UserState:
 
     __slots__ = ("caps", "seen")
 
-    def __init__(self, seen: bytes = b"", caps: dict[int, list[int]] | None = None) -> None:
+    def __init__(self, seen: bytes = b"", caps: dict[int, dict[int, int]] | None = None) -> None:
         self.seen = seen
         self.caps = caps
 
@@ -52,7 +52,8 @@ class UserState:
 
 def encode_snapshot(state: UserState, context: bytes | None) -> bytes:
     """msgpack [version, seen, caps, context-msgpack-or-nil]."""
-    caps = [[i, c[0], c[1]] for i, c in sorted(state.caps.items())] if state.caps else []
+    caps = [[i, p, n] for i, periods in sorted(state.caps.items()) for p, n in sorted(periods.items())] \
+        if state.caps else []
     return msgpack.packb([SNAPSHOT_VERSION, state.seen, caps, context], use_bin_type=True)
 
 
@@ -65,5 +66,7 @@ def decode_snapshot(blob: bytes) -> tuple[UserState, bytes | None]:
         raise StateError(f"cannot decode user snapshot: {e}") from None
     if version != SNAPSHOT_VERSION:
         raise StateError(f"user snapshot version {version!r} is not supported (expected {SNAPSHOT_VERSION})")
-    counters = {int(i): [int(p), int(n)] for i, p, n in caps} or None
-    return UserState(bytes(seen), counters), context
+    counters: dict[int, dict[int, int]] = {}
+    for i, p, n in caps:
+        counters.setdefault(int(i), {})[int(p)] = int(n)
+    return UserState(bytes(seen), counters or None), context

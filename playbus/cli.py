@@ -73,7 +73,6 @@ def dry_run(config_path: str, events_path: str, context_path: str | None, now_ms
                 engine.sandbox.load_context(key, start_ctx)
         outcome = engine.process([raw], now)
         result = dict(outcome.results[0])
-        result["actions"], result["errors"] = list(result["actions"]), list(result["errors"])
         ctx = None
         if result["status"] != "rejected":
             ctx = engine.contexts([user_key(raw["campaign"], raw["user"])])[0]

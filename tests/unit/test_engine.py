@@ -276,3 +276,23 @@ def test_event_data_reaches_the_script(tmp_path: Path) -> None:
     eng = make_engine(tmp_path, {"s": src}, [{"id": "r", "on": "task.completed", "script": "s"}])
     eng.process([ev(1, type="task.completed", tier="gold", tags=["a", "b"])], T0)
     assert eng.context("c1", "u1") == {"tier": "gold", "tags": ["a", "b"]}
+
+
+def test_caps_count_each_day_separately_when_days_interleave(tmp_path: Path) -> None:
+    eng = make_engine(tmp_path, {"always": ALWAYS}, [R_ALWAYS],
+                      caps=["{action: lottery.grant_chance, per_user: 2, period: day}"])
+    day = 86_400_000
+    ts = [T0, T0 + day, T0, T0 + day, T0, T0 + day]  # late events alternate between two local days
+    out = eng.process([ev(i, ts=t) for i, t in enumerate(ts)], T0)
+    assert [len(r["actions"]) for r in out.results] == [1, 1, 1, 1, 0, 0]
+
+
+def test_cap_refuses_a_period_older_than_those_counted(tmp_path: Path) -> None:
+    eng = make_engine(tmp_path, {"always": ALWAYS}, [R_ALWAYS],
+                      caps=["{action: lottery.grant_chance, per_user: 1, period: day}"])
+    day = 86_400_000
+    first = eng.process([ev(i, ts=T0 + i * day) for i in range(1, 9)], T0)  # 8 days counted
+    assert sum(len(r["actions"]) for r in first.results) == 8
+    late = eng.process([ev(0, ts=T0)], T0)  # a ninth, older day: its count is unknown
+    assert late.results[0]["actions"] == []
+    assert "older than the 8 counted" in late.journal[0]["refused"][0]["reason"]
