@@ -14,6 +14,7 @@ from typing import Any
 
 import msgpack
 import ray
+from ray.util import metrics
 
 from actors.shard import ShardCore
 from config.schema import Config
@@ -34,6 +35,33 @@ class _UserActivityActor:
         self._pending_n = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        tags = {"shard": str(shard)}
+        self._m_events = metrics.Counter("playbus_events", "events by result status", tag_keys=("shard", "status"))
+        self._m_rule_errors = metrics.Counter("playbus_rule_errors", "failed rule runs", tag_keys=("shard",))
+        self._m_batch = metrics.Histogram("playbus_batch_events", "events per micro-batch",
+                                          boundaries=[1, 10, 50, 100, 250, 500, 1000, 5000], tag_keys=("shard",))
+        self._m_commit = metrics.Histogram("playbus_commit_ms", "commit latency (ms)",
+                                           boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100, 500], tag_keys=("shard",))
+        self._m_queue = metrics.Gauge("playbus_queue_events", "events waiting for a batch", tag_keys=("shard",))
+        for m in (self._m_events, self._m_rule_errors, self._m_batch, self._m_commit, self._m_queue):
+            m.set_default_tags(tags)
+
+    def _record(self, results: list[dict[str, Any]]) -> None:
+        """Metrics of one committed batch: a handful of calls per batch, none per event."""
+        counts = {"applied": 0, "duplicate": 0, "rejected": 0}
+        errors = 0
+        for r in results:
+            counts[r["status"]] += 1
+            if r["errors"] and r["status"] == "applied":
+                errors += len(r["errors"])
+        for status, n in counts.items():
+            if n:
+                self._m_events.inc(n, tags={"status": status})
+        if errors:
+            self._m_rule_errors.inc(errors)
+        self._m_batch.observe(len(results))
+        self._m_commit.observe(self.core.last_commit_ms)
+        self._m_queue.set(self._pending_n)
 
     def _ensure_loop(self) -> None:
         if self._task is None:
@@ -78,6 +106,7 @@ class _UserActivityActor:
                         if not fut.done():
                             fut.set_exception(e)
                     continue
+                self._record(results)
                 i = 0
                 for evs, fut in take:
                     if not fut.done():
