@@ -135,14 +135,7 @@ class IngressCore:
 
     async def process(self, events: list[Any]) -> list[dict[str, Any]]:
         """Route to shards, call them concurrently, gather results in request order."""
-        parts = self.router.split(events)
-        calls = [self.call_shard(s, "process", (msgpack.packb(evs),)) for s, (_, evs) in parts.items()]
-        replies = await asyncio.gather(*calls)
-        results: list[dict[str, Any]] = [None] * len(events)  # type: ignore[list-item]
-        for (pos, _), reply in zip(parts.values(), replies, strict=False):
-            for i, r in zip(pos, msgpack.unpackb(reply, raw=False), strict=False):
-                results[i] = r
-        return results
+        return await self.router.dispatch(events, self.call_shard)
 
     # -- reads -------------------------------------------------------------------------------------
     def get_context(self, campaign: str, user: str) -> Response:
@@ -227,7 +220,7 @@ class IngressCore:
     async def activate(self, name: str, body: bytes) -> Response:
         try:
             version = json.loads(body or b"{}").get("version")
-        except (json.JSONDecodeError, AttributeError):
+        except (ValueError, AttributeError):  # JSONDecodeError, UnicodeDecodeError, or not an object
             return _error(400, 'body must be JSON like {"version": 2}')
         s = self.catalog.get(name)
         if s is None:
@@ -242,8 +235,8 @@ class IngressCore:
         """Run events through the engine with the given script version and context: no side effect anywhere."""
         try:
             req = json.loads(body)
-        except json.JSONDecodeError as e:
-            return _error(400, f"body is not valid JSON: {e.msg}")
+        except ValueError as e:  # JSONDecodeError or UnicodeDecodeError
+            return _error(400, f"body is not valid JSON: {getattr(e, 'msg', e)}")
         if not isinstance(req, dict) or not isinstance(req.get("events"), list):
             return _error(400, 'body must be {"events": [...], "source" | "version": ..., "context": {...}}')
         events, context = req["events"], req.get("context") or {}
@@ -251,6 +244,10 @@ class IngressCore:
             return _error(413, f"at most {MAX_EVENTS} events")
         if not isinstance(context, dict):
             return _error(400, "context must be an object")
+        try:
+            context_blob = msgpack.packb(context)
+        except (OverflowError, ValueError, TypeError) as e:
+            return _error(400, f"context cannot be encoded ({e}): integers must fit in 64 bits")
         s = self.catalog.get(name)
         if "source" in req:
             if not isinstance(req["source"], str):
@@ -260,7 +257,7 @@ class IngressCore:
             return _error(404, f"no script named {name!r}")
         else:
             v = req.get("version", s["active"])
-            if v not in s["versions"]:
+            if type(v) is not int or v not in s["versions"]:
                 return _error(422, f"script {name!r} has no version {v!r}")
             source = s["versions"][v]
         engine = ShardEngine(self.config)  # private sandbox and in-memory budgets: nothing leaves it
@@ -273,6 +270,6 @@ class IngressCore:
         if context:
             for key in engine.missing(events):
                 engine.restore(key, None)
-                engine.sandbox.load_context(key, context)
+                engine.sandbox.load_context(key, context_blob)
         out = engine.process(events, int(time.time() * 1000))
         return _json(200, {"results": out.results})

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import msgpack
+
+from actors.envelope import check_event
 from actors.keygroups import key_group, shard_of_group
+
+ShardCall = Callable[[int, str, Sequence[Any]], Awaitable[Any]]
 
 __all__ = ["Router"]
 
@@ -37,3 +44,35 @@ class Router:
                 slot[0].append(i)
                 slot[1].append(e)
         return out
+
+    async def dispatch(self, events: list[Any], call_shard: ShardCall) -> list[dict[str, Any]]:
+        """Send each shard its events (one call per shard, concurrently); results in input order.
+
+        An event msgpack cannot carry (an integer beyond 64 bits) is rejected here, alone."""
+        results: list[dict[str, Any]] = [None] * len(events)  # type: ignore[list-item]
+        index = list(range(len(events)))
+        try:
+            parts = self.split(events)
+            payloads = [msgpack.packb(evs) for _, evs in parts.values()]
+        except (OverflowError, ValueError, TypeError):
+            index = [i for i, e in enumerate(events) if not _unencodable(e, i, results)]
+            parts = self.split([events[i] for i in index])
+            payloads = [msgpack.packb(evs) for _, evs in parts.values()]
+        replies = await asyncio.gather(*(call_shard(s, "process", (p,)) for s, p in zip(parts, payloads, strict=True)))
+        for (pos, _), reply in zip(parts.values(), replies, strict=True):
+            for i, r in zip(pos, msgpack.unpackb(reply, raw=False), strict=True):
+                results[index[i]] = r
+        return results
+
+
+def _unencodable(event: Any, i: int, results: list[dict[str, Any]]) -> bool:
+    """True (and a `rejected` result at i) when `event` cannot be encoded for the shards."""
+    try:
+        msgpack.packb(event)
+        return False
+    except (OverflowError, ValueError, TypeError) as e:
+        rid = event.get("id") if type(event) is dict else None
+        reason = check_event(event, 0)[1] or f"event cannot be encoded ({e}): integers must fit in 64 bits"
+        results[i] = {"id": rid if type(rid) is str else None, "status": "rejected", "actions": [],
+                      "errors": [reason]}
+        return True

@@ -60,8 +60,12 @@ class Ingress:
             return Response(b'{"error":"request body too large"}', status_code=413,
                             media_type="application/json")
         body = await request.body()
+        # The path as sent (still percent-encoded): IngressCore decodes each segment once, so a user id
+        # with "%" or "/" in it reaches the right user.
+        raw_path = request.scope.get("raw_path")
+        path = raw_path.decode("utf-8", "replace") if raw_path else request.url.path
         status, headers, content = await self.core.handle(
-            request.method, request.url.path, request.url.query, dict(request.headers), body)
+            request.method, path, request.url.query, dict(request.headers), body)
         return Response(content, status_code=status, headers=headers)
 
 

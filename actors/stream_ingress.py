@@ -140,15 +140,7 @@ class StreamIngress:
             else:
                 ids.append(eid)
                 events.append(ev)
-        results: list[dict[str, Any]] = []
-        if events:
-            parts = self.router.split(events)
-            replies = await asyncio.gather(*(self.call_shard(s, "process", (msgpack.packb(evs),))
-                                             for s, (_, evs) in parts.items()))
-            results = [None] * len(events)  # type: ignore[list-item]
-            for (pos, _), reply in zip(parts.values(), replies, strict=False):
-                for i, r in zip(pos, msgpack.unpackb(reply, raw=False), strict=False):
-                    results[i] = r
+        results = await self.router.dispatch(events, self.call_shard) if events else []
         pipe = self.client.pipeline(transaction=False)
         for eid, raw, reason in bad:
             pipe.xadd(REJECTED_STREAM, {"entry": eid, "event": raw[:65536], "reason": reason})

@@ -223,3 +223,18 @@ def test_a_batch_whose_shard_call_fails_is_read_again_without_a_restart(
     assert stats["applied"] + stats["duplicates"] == 800 and stats["rejected"] == 0
     assert r.xpending(IN_STREAM, GROUP)["pending"] == 0
     assert all(context(r, config, f"u{u}") == {"quiz.answered": 20} for u in range(40))
+
+
+
+def test_an_event_with_an_integer_beyond_64_bits_is_rejected_alone(
+    shards: Shards, clean_redis: Any, redis_server: Any
+) -> None:
+    """One unencodable entry must not block the stream: it is rejected, its neighbours are applied."""
+    big = b'{"id":"big","campaign":"c1","user":"u1","type":"quiz.answered","data":{"x":1180591620717411303424}}'
+    bad_id = clean_redis.xadd(IN_STREAM, {"event": big})
+    clean_redis.xadd(IN_STREAM, {"event": json.dumps(ev("ok", "u2"))})
+    stats = drain(shards.reader(redis_server.url), clean_redis, expect=2)
+    assert stats["applied"] == 1 and stats["rejected"] == 1
+    assert "cannot be encoded" in rejected(clean_redis)[bad_id]
+    assert context(clean_redis, shards.config, "u2") == {"quiz.answered": 1}
+    assert clean_redis.xlen(IN_STREAM) == 0
