@@ -9,12 +9,13 @@ from scripting.errors import (
     ScriptNotFoundError,
     ScriptRuntimeError,
 )
-from scripting.sandbox import BUDGET_ERROR, MEMORY_ERROR, STRIDE, Sandbox
+from scripting.sandbox import BUDGET_ERROR, MEMORY_ERROR, STRIDE, TIME_ERROR, Sandbox
 
 __all__ = [
     "BUDGET_ERROR",
     "MEMORY_ERROR",
     "STRIDE",
+    "TIME_ERROR",
     "Sandbox",
     "ScriptBudgetError",
     "ScriptCompileError",

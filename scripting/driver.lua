@@ -2,57 +2,106 @@
 -- Loaded once per LuaRuntime by scripting/sandbox.py. Scripts never see anything defined here except
 -- through the allow-listed environment built by make_env and the ctx/emit/now/today/random helpers.
 -- Every value crossing to Python is msgpack bytes, so no Python object ever reaches Lua.
-local MAX_INSTR_HOOKS, MAX_MEM_KB = ...
+local MAX_INSTR_HOOKS, MAX_MEM_KB, MAX_CPU_S = ...
 
 local type, next, pairs, ipairs, select, error, pcall, xpcall = type, next, pairs, ipairs, select, error, pcall, xpcall
 local tostring, tonumber, rawget, rawset, rawlen, rawequal = tostring, tonumber, rawget, rawset, rawlen, rawequal
 local setmetatable, getmetatable, load = setmetatable, getmetatable, load
 local collectgarbage = collectgarbage
-local mtype, floor, huge = math.type, math.floor, math.huge
+local clock = os.clock
+local mtype, floor, huge, tointeger = math.type, math.floor, math.huge, math.tointeger
 local schar, sbyte, ssub, spack, sunpack, sgsub, srep, sformat =
   string.char, string.byte, string.sub, string.pack, string.unpack, string.gsub, string.rep, string.format
 local sfind, smatch, sgmatch = string.find, string.match, string.gmatch
-local concat, tunpack = table.concat, table.unpack
+local concat, tunpack, tmove, tsort = table.concat, table.unpack, table.move, table.sort
 local ulen = utf8.len
-local sethook = debug.sethook
+local sethook, getinfo = debug.sethook, debug.getinfo
 
 local BUDGET_ERR = "instruction budget exceeded"
 local MEMORY_ERR = "memory cap exceeded"
+local TIME_ERR = "cpu time limit exceeded"
+local NOMEM = "not enough memory"   -- Lua's message when lupa's hard max_memory refuses an allocation
 local MAX_STR = 4096          -- longest string value a context or action may hold
-local MAX_REP = 1048576       -- longest string.rep result
+local MAX_REP = 1048576       -- longest string.rep result (and most repetitions)
 local MAX_ENTRIES = 256       -- entries in one table value (all levels)
 local MAX_DEPTH = 8           -- nesting of one table value
 local MAX_WRITES = 256        -- distinct context keys one rule run may write
 local MAX_EMITS = 64          -- actions one rule run may propose
 local MAX_KEY = 128           -- longest context key
-local PATTERN_COST = 1e8      -- len(subject) ^ (quantifiers + 1) above this is refused
+local MAX_RUN_BYTES = 65536   -- msgpack size (estimated from above) of one rule run's writes and emits
+local PATTERN_COST = 1e8      -- len(subject) ^ (quantifiers + 1), or len(subject) * len(pattern), above this is refused
+-- Work done inside C library functions is invisible to the count hook (it counts VM instructions only),
+-- so the wrappers below charge it to the same budget, in hook periods of 1000 instructions:
+-- (1000 instructions take ~2 us; string.rep of 1 MiB ~1.6 ms, table.sort of 1e5 integers ~30 ms)
+local UNIT_PER_BYTE = 1 / 4096    -- a hook period per 4 KiB of string produced or scanned
+local UNIT_PER_ELEM = 1 / 256     -- a hook period per 256 values pushed or moved (sort: n log2 n / 128)
+local CLOCK_ABOVE = 1e4           -- pattern calls whose worst case exceeds this also check the CPU time
 
 ---------------------------------------------------------------------------------------------------
--- Instruction budget and memory cap: one count hook on the main thread, re-armed per rule run.
-local steps, limit, exhausted, mem_start, mem_cap = 0, huge, false, 0, huge
+-- Instruction budget, memory cap and CPU-time backstop: one count hook on the main thread, re-armed per
+-- rule run.
+local steps, limit, exhausted, mem_start, mem_cap, deadline = 0, huge, false, 0, huge, huge
+local run_guarded   -- defined below; the one trusted function the hook may interrupt mid-run
+
+-- Fail the rule run in a way no pcall/xpcall can swallow (they rethrow while `exhausted` is set).
+-- Not when the hook interrupted run_guarded itself, between its pcall returning and the limits being
+-- lifted: the error would escape run_batch and fail the whole batch. (The function at stack `level` is
+-- the one the hook interrupted, when called from the hook.)
+local function exhaust(err, level)
+  local f = getinfo(level or 3, "f")
+  if f and f.func == run_guarded then return end
+  exhausted = err
+  error(err, 0)
+end
+
+-- Backstop for what no instruction count sees: single VM instructions on huge strings (`..`, `==`, `<`)
+-- cost up to milliseconds each, and pattern matching is charged by an estimate. The deadline is started
+-- lazily at the run's first check, from its second hook on (no clock call for the short runs that never
+-- get there): `deadline` is `false` in a run before that, `huge` outside runs. CPU time is the process's
+-- (all threads): a backstop only, far above what the instruction budget allows.
+local function check_clock(level)
+  local d = deadline
+  if d ~= huge then
+    if not d then deadline = clock() + MAX_CPU_S
+    elseif clock() > d then exhaust(TIME_ERR, level) end
+  end
+end
+
 local function hook()
   steps = steps + 1
-  if steps > limit then
-    exhausted = BUDGET_ERR
-    error(BUDGET_ERR, 0)
-  end
+  if steps > limit then exhaust(BUDGET_ERR) end
   if collectgarbage("count") - mem_start > mem_cap then
     collectgarbage("collect")
-    if collectgarbage("count") - mem_start > mem_cap then
-      exhausted = MEMORY_ERR
-      error(MEMORY_ERR, 0)
-    end
+    if collectgarbage("count") - mem_start > mem_cap then exhaust(MEMORY_ERR) end
   end
+  if steps > 1 then check_clock(4) end
 end
 sethook(hook, "", 1000)
 
--- pcall/xpcall that cannot swallow an exhausted budget.
+-- Charge C work (in hook periods) to the run's instruction budget.
+local function charge(units)
+  steps = steps + units
+  if steps > limit then exhaust(BUDGET_ERR) end
+end
+
+-- pcall/xpcall that cannot swallow an exhausted budget, nor a refused allocation (lupa's hard limit):
+-- a script catching "not enough memory" in a loop would otherwise keep allocating up to that limit.
 local function rethrow(ok, ...)
   if exhausted then error(exhausted, 0) end
+  if not ok and ... == NOMEM then exhaust(MEMORY_ERR) end
   return ok, ...
 end
 local function safe_pcall(f, ...) return rethrow(pcall(f, ...)) end
-local function safe_xpcall(f, h, ...) return rethrow(xpcall(f, h, ...)) end
+-- The message handler runs before the stack unwinds. When the error comes from the hook, Lua runs it with
+-- hooks disabled (lua_State.allowhook is 0 inside a hook), so a looping handler would never be stopped:
+-- once the budget is exhausted, the script's handler is not called at all.
+local function safe_xpcall(f, h, ...)
+  if type(h) ~= "function" then error("bad argument #2 to 'xpcall' (function expected)", 2) end
+  return rethrow(xpcall(f, function(e)
+    if exhausted then return exhausted end
+    return h(e)
+  end, ...))
+end
 
 ---------------------------------------------------------------------------------------------------
 -- msgpack: the only format that crosses to Python (results, contexts, event data).
@@ -137,58 +186,71 @@ local function decode(s) return (dec(s, 1)) end
 ---------------------------------------------------------------------------------------------------
 -- Values that scripts store or emit: copied (so later mutation cannot bypass a rule's atomicity) and
 -- checked (plain data only, bounded), with raw access so no script metamethod runs here.
+-- Also returns an upper bound of the value's msgpack size. Errors are reported at the script's call of
+-- ctx:set/emit: `depth` frames of copy_value, then copy, then ctx_set/emit, then the script (depth + 3).
 local function copy_value(v, what, depth, budget)
   local t = type(v)
   if t == "string" then
-    if #v > MAX_STR then error(sformat("%s: string of %d bytes exceeds %d", what, #v, MAX_STR), 3) end
-    if not ulen(v) then error(what .. ": strings must be valid UTF-8", 3) end
-    return v, budget
+    if #v > MAX_STR then error(sformat("%s: string of %d bytes exceeds %d", what, #v, MAX_STR), depth + 3) end
+    if not ulen(v) then error(what .. ": strings must be valid UTF-8", depth + 3) end
+    return v, budget, 5 + #v
   elseif t == "number" then
-    if v ~= v or v == huge or v == -huge then error(what .. ": NaN and infinities are not storable", 3) end
-    return v, budget
+    if v ~= v or v == huge or v == -huge then error(what .. ": NaN and infinities are not storable", depth + 3) end
+    return v, budget, 9
   elseif t == "boolean" or t == "nil" then
-    return v, budget
+    return v, budget, 1
   elseif t == "table" then
-    if depth > MAX_DEPTH then error(sformat("%s: nested deeper than %d", what, MAX_DEPTH), 3) end
-    local out = {}
+    if depth > MAX_DEPTH then error(sformat("%s: nested deeper than %d", what, MAX_DEPTH), depth + 3) end
+    local out, size = {}, 5
     for k, x in next, v do
       budget = budget - 1
-      if budget < 0 then error(sformat("%s: more than %d entries", what, MAX_ENTRIES), 3) end
+      if budget < 0 then error(sformat("%s: more than %d entries", what, MAX_ENTRIES), depth + 3) end
       local kt = type(k)
       if not (kt == "string" or mtype(k) == "integer") then
-        error(what .. ": table keys must be strings or integers", 3)
+        error(what .. ": table keys must be strings or integers", depth + 3)
       end
       if kt == "string" and (#k > MAX_KEY or not ulen(k)) then
-        error(what .. ": table keys must be valid UTF-8 of at most " .. MAX_KEY .. " bytes", 3)
+        error(what .. ": table keys must be valid UTF-8 of at most " .. MAX_KEY .. " bytes", depth + 3)
       end
-      out[k], budget = copy_value(x, what, depth + 1, budget)
+      local xsize
+      out[k], budget, xsize = copy_value(x, what, depth + 1, budget)
+      size = size + xsize + (kt == "string" and 5 + #k or 9)
     end
-    return out, budget
+    return out, budget, size
   end
-  error(sformat("%s: a %s cannot be stored (numbers, strings, booleans, tables only)", what, t), 3)
+  error(sformat("%s: a %s cannot be stored (numbers, strings, booleans, tables only)", what, t), depth + 3)
 end
-local function copy(v, what) return (copy_value(v, what, 1, MAX_ENTRIES)) end
+local function copy(v, what)
+  local out, _, size = copy_value(v, what, 1, MAX_ENTRIES)
+  return out, size
+end
 
 ---------------------------------------------------------------------------------------------------
 -- The state of the rule run in progress.
 local CTX = {}            -- user key -> context table (authoritative, in memory)
 local NILV = {}           -- overlay marker of a deleted key
-local cur_base, cur_over, cur_writes, cur_emits, cur_rule
+local cur_base, cur_over, cur_writes, cur_emits, cur_rule, cur_bytes
 local cur_event, cur_blob, cur_ts, cur_day, cur_rng
 
 local function ctx_get(_, k)
   if type(k) ~= "string" then error("ctx:get: key must be a string", 2) end
   local v = cur_over[k]
   if v == nil then v = cur_base[k] elseif v == NILV then return nil end
-  if type(v) == "table" then return copy(v, "ctx:get") end
+  if type(v) == "table" then return (copy(v, "ctx:get")) end
   return v
 end
 
-local function ctx_put(k, v)
+-- Bound what one rule run hands back (MAX_ENTRIES is per value: 256 keys x 256 entries x 4 KiB strings
+-- would otherwise make a single run's result 256 MiB and fail the whole batch in run_batch).
+local RUN_BYTES_ERR = sformat("rule run writes and emits more than %d bytes", MAX_RUN_BYTES)
+
+local function ctx_put(k, v, size)
   if cur_over[k] == nil then
     cur_writes = cur_writes + 1
     if cur_writes > MAX_WRITES then error(sformat("ctx: more than %d keys written in one rule run", MAX_WRITES), 3) end
   end
+  cur_bytes = cur_bytes + 5 + #k + size
+  if cur_bytes > MAX_RUN_BYTES then error(RUN_BYTES_ERR, 3) end
   if v == nil then cur_over[k] = NILV else cur_over[k] = v end
 end
 
@@ -196,7 +258,8 @@ local function ctx_set(_, k, v)
   if type(k) ~= "string" or #k == 0 or #k > MAX_KEY or not ulen(k) then
     error(sformat("ctx:set: key must be a string of 1..%d bytes", MAX_KEY), 2)
   end
-  ctx_put(k, copy(v, "ctx:set('" .. k .. "')"))
+  local value, size = copy(v, "ctx:set('" .. k .. "')")
+  ctx_put(k, value, size)
 end
 
 local function ctx_incr(_, k, by)
@@ -212,7 +275,8 @@ local function ctx_incr(_, k, by)
   if v == nil then v = 0 end
   if type(v) ~= "number" then error(sformat("ctx:incr: key '%s' holds a %s, not a number", k, type(v)), 2) end
   v = v + by
-  ctx_put(k, v)
+  if v - v ~= 0 then error("ctx:incr: the result is not finite", 2) end   -- inf - inf is NaN
+  ctx_put(k, v, 9)
   return v
 end
 
@@ -231,7 +295,8 @@ local function emit(atype, params)
   end
   if params == nil then params = {} end
   if type(params) ~= "table" then error("emit: params must be a table", 2) end
-  params = copy(params, "emit('" .. atype .. "')")
+  local size
+  params, size = copy(params, "emit('" .. atype .. "')")
   local bp = cur_rule.budget_params[atype]
   if bp then
     local a = params[bp]
@@ -241,6 +306,8 @@ local function emit(atype, params)
   end
   local n = #cur_emits
   if n >= MAX_EMITS then error(sformat("emit: more than %d actions in one rule run", MAX_EMITS), 2) end
+  cur_bytes = cur_bytes + 6 + #atype + size
+  if cur_bytes > MAX_RUN_BYTES then error(RUN_BYTES_ERR, 2) end
   cur_emits[n + 1] = {atype, params}
 end
 
@@ -298,37 +365,171 @@ local function readonly(t, name)
   })
 end
 
-local function pattern_guard(fname, f)
-  return function(s, p, ...)
-    if type(s) == "string" and type(p) == "string" then
-      local _, q = sgsub(p, "[%*%+%-%?]", "")
-      if (#s + 1) ^ (q + 1) > PATTERN_COST then
-        error(sformat("string.%s: pattern with %d repetitions on %d bytes is too costly", fname, q, #s), 2)
-      end
-    end
-    return f(s, p, ...)
+-- C work charged after the call by the length of its string result (each single call is bounded by the
+-- memory limits, so charging afterwards stops a loop of them).
+local function charged_bytes(r, ...)
+  if type(r) == "string" then charge(#r * UNIT_PER_BYTE) end
+  return r, ...
+end
+local function by_bytes(f) return function(...) return charged_bytes(f(...)) end end
+
+-- Pattern matching backtracks inside one C call, where no hook fires: refuse a call whose worst case is
+-- too costly. Each quantifier and each %b (a scan to the end for its closing character) can multiply the
+-- work by len(subject); each pattern byte (literal or in a [set]) is tried at every start position, also
+-- in a plain find (a naive search: "aaa...a" in "aaa...ab" took seconds). The worst case is an upper
+-- bound far above typical calls, so it is not charged: a call that may be slow checks the CPU time
+-- instead (("x"):rep(9000):find("x-y") is allowed and takes ~0.2 s; a loop of them is stopped there).
+local function check_pattern(fname, s, p, plain)
+  if type(s) ~= "string" or type(p) ~= "string" then return end   -- numbers: a few bytes
+  local ls = #s + 1
+  local cost = ls * (#p + 1)
+  if cost > PATTERN_COST then
+    error(sformat("string.%s: pattern of %d bytes on %d bytes is too costly", fname, #p, #s), 3)
   end
+  if not plain then
+    local _, q = sgsub(p, "[%*%+%-%?]", "")
+    if sfind(p, "%b", 1, true) then local _, nb = sgsub(p, "%%b", ""); q = q + nb end
+    local worst = ls ^ (q + 1)
+    if worst > PATTERN_COST then
+      error(sformat("string.%s: pattern with %d repetitions on %d bytes is too costly", fname, q, #s), 3)
+    end
+    if worst > cost then cost = worst end
+  end
+  charge(ls * UNIT_PER_BYTE)
+  if cost > CLOCK_ABOVE then check_clock(4) end
 end
 
 local safe_string = {}
 for k, v in next, string do
   if k ~= "dump" then safe_string[k] = v end
 end
+local function slen(x)   -- the length Lua's own string coercion gives x
+  if type(x) == "string" then return #x elseif type(x) == "number" then return #tostring(x) end
+  return 0
+end
 safe_string.rep = function(s, n, sep)
-  if type(s) == "string" and type(n) == "number" then
-    local size = #s * n + (type(sep) == "string" and #sep * (n - 1) or 0)
-    if size > MAX_REP then error(sformat("string.rep: result of %.0f bytes exceeds %d", size, MAX_REP), 2) end
+  -- Coerced like string.rep does ("1e9" and 12345 are valid arguments), and the count is bounded too:
+  -- rep("", 2^40) produces nothing but loops 2^40 times in C.
+  local count = tonumber(n)
+  if count and count > 0 then
+    local size = slen(s) * count + slen(sep) * (count - 1)
+    if count > MAX_REP or size > MAX_REP then
+      error(sformat("string.rep: result of %.0f bytes (%.0f repetitions) exceeds %d", size, count, MAX_REP), 2)
+    end
   end
-  return srep(s, n, sep)
+  return charged_bytes(srep(s, n, sep))
 end
-local guarded_find = pattern_guard("find", sfind)
 safe_string.find = function(s, p, init, plain)
-  if plain then return sfind(s, p, init, plain) end
-  return guarded_find(s, p, init)
+  check_pattern("find", s, p, plain)
+  return sfind(s, p, init, plain)
 end
-safe_string.match = pattern_guard("match", smatch)
-safe_string.gmatch = pattern_guard("gmatch", sgmatch)
-safe_string.gsub = pattern_guard("gsub", sgsub)
+safe_string.match = function(s, p, init)
+  check_pattern("match", s, p)
+  return smatch(s, p, init)
+end
+safe_string.gmatch = function(s, p, init)
+  check_pattern("gmatch", s, p)
+  return sgmatch(s, p, init)
+end
+safe_string.gsub = function(s, p, repl, n)
+  check_pattern("gsub", s, p)
+  return charged_bytes(sgsub(s, p, repl, n))
+end
+-- s:byte(1, -1) pushes up to a million values in one call: charge the span first (a wrapper that passes
+-- them on would overflow the stack). i and j as string.byte/utf8.codepoint read them, clamped to s.
+local function span(s, i, j)
+  local l = slen(s)
+  local from = tonumber(i) or 1
+  local to = tonumber(j) or from
+  if from < 0 then from = l + from + 1 end
+  if to < 0 then to = l + to + 1 end
+  if from < 1 then from = 1 end
+  if to > l then to = l end
+  if to >= from then charge((to - from + 1) * UNIT_PER_ELEM) end
+end
+safe_string.byte = function(s, i, j)
+  span(s, i, j)
+  return sbyte(s, i, j)
+end
+for _, k in ipairs({"char", "format", "lower", "pack", "reverse", "sub", "upper"}) do
+  safe_string[k] = by_bytes(string[k])
+end
+
+local safe_utf8 = {}
+for k, v in next, utf8 do safe_utf8[k] = v end
+safe_utf8.char = by_bytes(utf8.char)
+local ucodepoint = utf8.codepoint
+safe_utf8.codepoint = function(s, i, j, lax)
+  span(s, i, j)
+  return ucodepoint(s, i, j, lax)
+end
+safe_utf8.len = function(s, ...)
+  if type(s) == "string" then charge(#s * UNIT_PER_BYTE) end
+  return ulen(s, ...)
+end
+
+local safe_table = {}
+for k, v in next, table do safe_table[k] = v end
+safe_table.concat = by_bytes(concat)
+safe_table.unpack = function(t, i, j)
+  -- Up to a million values in one call: charge them first, with #t read once (a __len metamethod could
+  -- answer differently to the C function).
+  if i == nil then i = 1 end
+  if j == nil then j = #t end
+  local from, to = tonumber(i), tonumber(j)
+  if from and to and to >= from then charge((to - from + 1) * UNIT_PER_ELEM) end
+  return tunpack(t, i, j)
+end
+local log = math.log
+safe_table.sort = function(t, cmp)
+  tsort(t, cmp)
+  if type(t) == "table" then
+    local n = rawlen(t)
+    charge(n * log(n + 1, 2) / 128)
+  end
+end
+safe_table.move = function(a1, f, e, t, a2)
+  -- table.move(t, 1, 1e9, 2) loops 1e9 times in C, even on an empty table: charge the range first.
+  local from, to = tonumber(f), tonumber(e)
+  if from and to and to >= from then charge((to - from + 1) * UNIT_PER_ELEM) end
+  return tmove(a1, f, e, t, a2)
+end
+-- table.insert/remove shift elements in a C loop bounded by #t, which a __len metamethod can make 2^40
+-- (and return differently on each call): shift in Lua instead, where the count hook sees every step.
+local function position(pos, fname)
+  local p = tointeger(pos)
+  if p == nil then error(sformat("bad argument #2 to '%s' (number has no integer representation)", fname), 3) end
+  return p
+end
+safe_table.insert = function(t, ...)
+  local nargs = select("#", ...)
+  local e = #t + 1
+  if nargs == 1 then
+    t[e] = ...
+    return
+  elseif nargs ~= 2 then
+    error("wrong number of arguments to 'insert'", 2)
+  end
+  local pos, v = ...
+  pos = position(pos, "insert")
+  if pos < 1 or pos > e then error("bad argument #2 to 'insert' (position out of bounds)", 2) end
+  for i = e, pos + 1, -1 do t[i] = t[i - 1] end
+  t[pos] = v
+end
+safe_table.remove = function(t, pos)
+  local size = #t
+  if pos == nil then pos = size else pos = position(pos, "remove") end
+  if pos ~= size and (pos < 1 or pos > size + 1) then
+    error("bad argument #2 to 'remove' (position out of bounds)", 2)
+  end
+  local v = t[pos]
+  while pos < size do
+    t[pos] = t[pos + 1]
+    pos = pos + 1
+  end
+  t[pos] = nil
+  return v
+end
 
 -- Method calls on strings ("x"):rep(...) go through the string metatable: point it at the guarded
 -- functions and lock it, so no script can poison it for the others.
@@ -349,12 +550,12 @@ local function safe_setmetatable(t, mt)
 end
 
 local BASE = {
-  string = readonly(safe_string, "string"), table = readonly(table, "table"),
-  math = readonly(safe_math, "math"), utf8 = readonly(utf8, "utf8"),
+  string = readonly(safe_string, "string"), table = readonly(safe_table, "table"),
+  math = readonly(safe_math, "math"), utf8 = readonly(safe_utf8, "utf8"),
   assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs, select = select,
   tonumber = tonumber, tostring = tostring, type = type, rawequal = rawequal, rawget = rawget, rawlen = rawlen,
   pcall = safe_pcall, xpcall = safe_xpcall, setmetatable = safe_setmetatable, getmetatable = getmetatable,
-  unpack = tunpack,
+  unpack = safe_table.unpack,
   emit = emit, now = now, today = today, random = random,
 }
 local BASE_MT = {__index = BASE, __metatable = LOCKED}
@@ -364,10 +565,12 @@ local BASE_MT = {__index = BASE, __metatable = LOCKED}
 -- Scripts, rules and rule sets, addressed by small integers that Python hands out.
 local SCRIPTS, RULES, RULESETS = {}, {}, {}
 
-local function run_guarded(f, ...)
+function run_guarded(f, ...)
   steps, limit, exhausted, mem_start, mem_cap = 0, MAX_INSTR_HOOKS, false, collectgarbage("count"), MAX_MEM_KB
+  deadline = false
   local ok, err = pcall(f, ...)
-  limit, mem_cap = huge, huge
+  limit, mem_cap, deadline = huge, huge, huge
+  if not ok and err == NOMEM then exhausted = MEMORY_ERR end   -- lupa's hard limit: report it as the cap
   if exhausted then ok, err = false, exhausted; exhausted = false; collectgarbage("collect") end
   return ok, err
 end
@@ -442,9 +645,12 @@ local EVMT = {
 -- Run every rule of every event of a batch. `cols` is a flat array with STRIDE fields per event:
 -- id, type, user, campaign, ts, day, data (msgpack or false), context key, rule set.
 -- Returns one msgpack record per rule run, concatenated: [error|nil, changes|nil, emits|nil].
+-- `out_budget` bounds the (estimated) bytes of all records: sandbox.py raises lupa's hard memory limit by
+-- a multiple of it for this batch, so building the result can never hit that limit and fail the batch.
 local STRIDE = 9
-function API.run_batch(cols, n)
-  local out = {}
+local OUT_BUDGET_ERR = "rule run writes and emits exceed what is left of this batch's result budget"
+function API.run_batch(cols, n, out_budget)
+  local out, out_left = {}, out_budget or huge
   for i = 0, n - 1 do
     local b = i * STRIDE
     local key = cols[b + 8]
@@ -457,11 +663,15 @@ function API.run_batch(cols, n)
         id = cols[b + 1], type = cols[b + 2], user = cols[b + 3], campaign = cols[b + 4], ts = cols[b + 5],
       }, EVMT)
       cur_event, cur_blob, cur_ts, cur_day, cur_rng = ev, cols[b + 7], cols[b + 5], cols[b + 6], nil
-      cur_base, cur_over, cur_writes, cur_emits, cur_rule = base, {}, 0, {}, rule
+      cur_base, cur_over, cur_writes, cur_emits, cur_rule, cur_bytes = base, {}, 0, {}, rule, 0
       local fn = SCRIPTS[rule.script]
       local ok, err
       if fn == nil then ok, err = false, "script is not loaded"
       else ok, err = run_guarded(fn, ev, CTXOBJ) end
+      if ok then
+        out_left = out_left - cur_bytes
+        if out_left < 0 then ok, err, out_left = false, OUT_BUDGET_ERR, out_left + cur_bytes end
+      end
       if ok then
         local over = cur_over
         if next(over) == nil then

@@ -15,12 +15,19 @@ import msgpack
 
 from scripting.errors import ScriptCompileError
 
-__all__ = ["BUDGET_ERROR", "MEMORY_ERROR", "STRIDE", "Sandbox"]
+__all__ = ["BUDGET_ERROR", "MEMORY_ERROR", "STRIDE", "TIME_ERROR", "Sandbox"]
 
 STRIDE = 9  # fields per event in run_batch's flat column table (see driver.lua)
 BUDGET_ERROR = "instruction budget exceeded"
 MEMORY_ERROR = "memory cap exceeded"
+TIME_ERROR = "cpu time limit exceeded"  # backstop for C work no instruction count sees (see driver.lua)
 _HOOK_EVERY = 1000  # instructions per count-hook call, as set in driver.lua
+# Result bytes (as estimated by the driver) that a batch may produce: a fixed part plus a share per event.
+# The hard memory limit is raised by _OUT_FACTOR times this (Lua pieces and the final concat), so building
+# the result never fails the whole batch; a rule run over the budget fails alone (see driver.lua).
+_OUT_FIXED = 1 << 20
+_OUT_PER_EVENT = 512
+_OUT_FACTOR = 10
 _LINE = re.compile(r"^[^:]*:(\d+): (.*)$", re.S)
 
 
@@ -31,9 +38,14 @@ def _deny(obj: object, name: object, setting: bool) -> object:
 class Sandbox:
     """Compiles scripts and runs batches of rule runs under an instruction budget and a memory cap."""
 
-    def __init__(self, max_instructions: int = 1_000_000, max_memory_kb: int = 16_384) -> None:
+    def __init__(
+        self, max_instructions: int = 1_000_000, max_memory_kb: int = 16_384, max_cpu_ms: int | None = None
+    ) -> None:
         self.max_instructions = max_instructions
         self.max_memory_kb = max_memory_kb
+        # CPU-time backstop per rule run (driver.lua), far above what the instruction budget takes in pure
+        # Lua (a few ns per instruction): 1 us per instruction, at least 100 ms.
+        self.max_cpu_ms = max_cpu_ms if max_cpu_ms is not None else max(100, max_instructions // 1000)
         self._lua = lua54.LuaRuntime(
             encoding=None,
             register_eval=False,
@@ -47,7 +59,7 @@ class Sandbox:
         self._headroom = 2 * max_memory_kb * 1024 + (16 << 20)
         source = resources.files("scripting").joinpath("driver.lua").read_bytes()
         hooks = max(1, max_instructions // _HOOK_EVERY)
-        self._api = self._lua.execute(source, hooks, max_memory_kb)
+        self._api = self._lua.execute(source, hooks, max_memory_kb, self.max_cpu_ms / 1000)
         self._next_handle = 1
         self._run_batch = self._api.run_batch
         self._table_from = self._lua.table_from
@@ -96,8 +108,9 @@ class Sandbox:
         if n == 0:
             return []
         lua = self._lua
-        lua.set_max_memory(lua.get_memory_used() + self._headroom + 4096 * n)
-        blob = self._run_batch(self._table_from(cols), n)
+        out_budget = _OUT_FIXED + _OUT_PER_EVENT * n
+        lua.set_max_memory(lua.get_memory_used() + self._headroom + _OUT_FACTOR * out_budget)
+        blob = self._run_batch(self._table_from(cols), n, out_budget)
         unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
         unpacker.feed(blob)
         return list(unpacker)
