@@ -188,40 +188,47 @@ local function decode(s) return (dec(s, 1)) end
 -- checked (plain data only, bounded), with raw access so no script metamethod runs here.
 -- Also returns an upper bound of the value's msgpack size. Errors are reported at the script's call of
 -- ctx:set/emit: `depth` frames of copy_value, then copy, then ctx_set/emit, then the script (depth + 3).
-local function copy_value(v, what, depth, budget)
+local function label(what, name)
+  if name == nil then return what end
+  return what .. "('" .. name .. "')"
+end
+
+local function copy_value(v, what, name, depth, budget)
   local t = type(v)
   if t == "string" then
-    if #v > MAX_STR then error(sformat("%s: string of %d bytes exceeds %d", what, #v, MAX_STR), depth + 3) end
-    if not ulen(v) then error(what .. ": strings must be valid UTF-8", depth + 3) end
+    if #v > MAX_STR then error(sformat("%s: string of %d bytes exceeds %d", label(what, name), #v, MAX_STR), depth + 3) end
+    if not ulen(v) then error(label(what, name) .. ": strings must be valid UTF-8", depth + 3) end
     return v, budget, 5 + #v
   elseif t == "number" then
-    if v ~= v or v == huge or v == -huge then error(what .. ": NaN and infinities are not storable", depth + 3) end
+    if v ~= v or v == huge or v == -huge then error(label(what, name) .. ": NaN and infinities are not storable", depth + 3) end
     return v, budget, 9
   elseif t == "boolean" or t == "nil" then
     return v, budget, 1
   elseif t == "table" then
-    if depth > MAX_DEPTH then error(sformat("%s: nested deeper than %d", what, MAX_DEPTH), depth + 3) end
+    if depth > MAX_DEPTH then error(sformat("%s: nested deeper than %d", label(what, name), MAX_DEPTH), depth + 3) end
     local out, size = {}, 5
     for k, x in next, v do
       budget = budget - 1
-      if budget < 0 then error(sformat("%s: more than %d entries", what, MAX_ENTRIES), depth + 3) end
+      if budget < 0 then error(sformat("%s: more than %d entries", label(what, name), MAX_ENTRIES), depth + 3) end
       local kt = type(k)
       if not (kt == "string" or mtype(k) == "integer") then
-        error(what .. ": table keys must be strings or integers", depth + 3)
+        error(label(what, name) .. ": table keys must be strings or integers", depth + 3)
       end
       if kt == "string" and (#k > MAX_KEY or not ulen(k)) then
-        error(what .. ": table keys must be valid UTF-8 of at most " .. MAX_KEY .. " bytes", depth + 3)
+        error(label(what, name) .. ": table keys must be valid UTF-8 of at most " .. MAX_KEY .. " bytes", depth + 3)
       end
       local xsize
-      out[k], budget, xsize = copy_value(x, what, depth + 1, budget)
+      out[k], budget, xsize = copy_value(x, what, name, depth + 1, budget)
       size = size + xsize + (kt == "string" and 5 + #k or 9)
     end
     return out, budget, size
   end
-  error(sformat("%s: a %s cannot be stored (numbers, strings, booleans, tables only)", what, t), depth + 3)
+  error(sformat("%s: a %s cannot be stored (numbers, strings, booleans, tables only)", label(what, name), t), depth + 3)
 end
-local function copy(v, what)
-  local out, _, size = copy_value(v, what, 1, MAX_ENTRIES)
+local function copy(v, what, name)
+  local t = type(v)
+  if t == "number" and v == v and v ~= huge and v ~= -huge then return v, 9 end  -- the common case, inline
+  local out, _, size = copy_value(v, what, name, 1, MAX_ENTRIES)
   return out, size
 end
 
@@ -236,7 +243,7 @@ local function ctx_get(_, k)
   if type(k) ~= "string" then error("ctx:get: key must be a string", 2) end
   local v = cur_over[k]
   if v == nil then v = cur_base[k] elseif v == NILV then return nil end
-  if type(v) == "table" then return (copy(v, "ctx:get")) end
+  if type(v) == "table" then return (copy(v, "ctx:get", k)) end
   return v
 end
 
@@ -244,7 +251,9 @@ end
 -- would otherwise make a single run's result 256 MiB and fail the whole batch in run_batch).
 local RUN_BYTES_ERR = sformat("rule run writes and emits more than %d bytes", MAX_RUN_BYTES)
 
+local NO_WRITES, NO_EMITS = setmetatable({}, {__newindex = function() error("driver bug", 0) end}), {}
 local function ctx_put(k, v, size)
+  if cur_over == NO_WRITES then cur_over = {} end
   if cur_over[k] == nil then
     cur_writes = cur_writes + 1
     if cur_writes > MAX_WRITES then error(sformat("ctx: more than %d keys written in one rule run", MAX_WRITES), 3) end
@@ -254,16 +263,26 @@ local function ctx_put(k, v, size)
   if v == nil then cur_over[k] = NILV else cur_over[k] = v end
 end
 
+-- Context keys already checked (a bounded cache: the same few keys are used by every rule run).
+local KEY_OK, key_ok_n = {}, 0
+local function key_ok(k)
+  if KEY_OK[k] then return true end
+  if type(k) ~= "string" or #k == 0 or #k > MAX_KEY or not ulen(k) then return false end
+  if key_ok_n >= 4096 then KEY_OK, key_ok_n = {}, 0 end
+  KEY_OK[k], key_ok_n = true, key_ok_n + 1
+  return true
+end
+
 local function ctx_set(_, k, v)
-  if type(k) ~= "string" or #k == 0 or #k > MAX_KEY or not ulen(k) then
+  if not key_ok(k) then
     error(sformat("ctx:set: key must be a string of 1..%d bytes", MAX_KEY), 2)
   end
-  local value, size = copy(v, "ctx:set('" .. k .. "')")
+  local value, size = copy(v, "ctx:set", k)
   ctx_put(k, value, size)
 end
 
 local function ctx_incr(_, k, by)
-  if type(k) ~= "string" or #k == 0 or #k > MAX_KEY or not ulen(k) then
+  if not key_ok(k) then
     error(sformat("ctx:incr: key must be a string of 1..%d bytes", MAX_KEY), 2)
   end
   if by == nil then by = 1 end
@@ -296,7 +315,7 @@ local function emit(atype, params)
   if params == nil then params = {} end
   if type(params) ~= "table" then error("emit: params must be a table", 2) end
   local size
-  params, size = copy(params, "emit('" .. atype .. "')")
+  params, size = copy(params, "emit", atype)
   local bp = cur_rule.budget_params[atype]
   if bp then
     local a = params[bp]
@@ -304,6 +323,7 @@ local function emit(atype, params)
       error(sformat("emit('%s'): budget parameter '%s' must be a non-negative integer", atype, bp), 2)
     end
   end
+  if cur_emits == NO_EMITS then cur_emits = {} end
   local n = #cur_emits
   if n >= MAX_EMITS then error(sformat("emit: more than %d actions in one rule run", MAX_EMITS), 2) end
   cur_bytes = cur_bytes + 6 + #atype + size
@@ -631,16 +651,27 @@ function API.define_ruleset(handle, rules_blob)
   RULESETS[handle] = list
 end
 
-local EVMT = {
+-- The event a script sees: one read-only proxy reused for every rule run (creating a table per run was
+-- the largest fixed cost of a run). Reads go proxy -> EV (the current fields, reset before each run) ->
+-- a loader that decodes `data` on first use, a fresh table per run so no rule sees another's mutations.
+local EV = setmetatable({}, {
   __index = function(t, k)
-    if k == "data" and rawequal(t, cur_event) then
+    if k == "data" then
       local d = cur_blob and decode(cur_blob) or {}
       rawset(t, "data", d)
       return d
     end
   end,
+})
+local EVENT = setmetatable({}, {
+  __index = EV,
+  __newindex = function() error("event is read-only", 2) end,
+  __pairs = function()
+    local c = {id = EV.id, type = EV.type, user = EV.user, campaign = EV.campaign, ts = EV.ts, data = EV.data}
+    return next, c, nil
+  end,
   __metatable = LOCKED,
-}
+})
 
 -- Run every rule of every event of a batch. `cols` is a flat array with STRIDE fields per event:
 -- id, type, user, campaign, ts, day, data (msgpack or false), context key, rule set.
@@ -659,11 +690,11 @@ function API.run_batch(cols, n, out_budget)
     local rs = RULESETS[cols[b + 9]]
     for j = 1, #rs do
       local rule = rs[j]
-      local ev = setmetatable({
-        id = cols[b + 1], type = cols[b + 2], user = cols[b + 3], campaign = cols[b + 4], ts = cols[b + 5],
-      }, EVMT)
+      EV.id, EV.type, EV.user, EV.campaign, EV.ts, EV.data = cols[b + 1], cols[b + 2], cols[b + 3], cols[b + 4],
+        cols[b + 5], nil
+      local ev = EVENT
       cur_event, cur_blob, cur_ts, cur_day, cur_rng = ev, cols[b + 7], cols[b + 5], cols[b + 6], nil
-      cur_base, cur_over, cur_writes, cur_emits, cur_rule, cur_bytes = base, {}, 0, {}, rule, 0
+      cur_base, cur_over, cur_writes, cur_emits, cur_rule, cur_bytes = base, NO_WRITES, 0, NO_EMITS, rule, 0
       local fn = SCRIPTS[rule.script]
       local ok, err
       if fn == nil then ok, err = false, "script is not loaded"
@@ -674,7 +705,7 @@ function API.run_batch(cols, n, out_budget)
       end
       if ok then
         local over = cur_over
-        if next(over) == nil then
+        if over == NO_WRITES then
           out[#out + 1] = "\x93\xc0\xc0"
         else
           out[#out + 1] = "\x93\xc0"
@@ -686,7 +717,7 @@ function API.run_batch(cols, n, out_budget)
             if v == NILV then base[k] = nil; out[#out + 1] = "\xc0" else base[k] = v; enc(v, out) end
           end
         end
-        if #cur_emits == 0 then out[#out + 1] = "\xc0" else enc(cur_emits, out) end
+        if cur_emits == NO_EMITS then out[#out + 1] = "\xc0" else enc(cur_emits, out) end
       else
         out[#out + 1] = "\x93"
         enc(errtext(err), out)

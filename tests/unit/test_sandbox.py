@@ -138,7 +138,7 @@ def test_no_python_object_is_reachable_from_globals_or_event(box: Box) -> None:
     (rec,) = box.run(source, data={"a": 1, "b": {"c": "d", "e": [1, 2]}})
     assert rec == [None, None, [["a.b", {
         "env": {}, "event": {"id": "string", "type": "string", "user": "string", "campaign": "string",
-                             "ts": "number"},
+                             "ts": "number", "data": "table"},
         "data": {"a": "number", "b": "table"}, "nested": {"c": "string", "e": "table"},
         "python": "nil", "G": "nil", "getattr": "nil", "registry": "nil", "id_class": "nil",
         "str_class": "nil", "ctx_class": "nil", "ctx_dict": "nil", "event_class": "nil", "ctx_get": "function",
@@ -643,4 +643,15 @@ def test_now_is_the_event_ts(box: Box) -> None:
                      ts=1_767_312_000_456)
     assert rec == [None, None, [["a.b", {"now": 1_767_312_000_456, "ts": 1_767_312_000_456, "kind": "integer"}]]]
     assert not math.isnan(rec[2][0][1]["now"])
+    assert_clean(box)
+
+
+def test_event_is_read_only_and_fresh_for_every_rule_run(box: Box) -> None:
+    """The event proxy is shared by all runs: writes are refused and data mutations do not carry over."""
+    (rec,) = box.run('function decide(e, ctx) e.user = "someone else" end')
+    assert_failed(rec, "event is read-only")
+    (rec,) = box.run('function decide(e, ctx) e.data.a = 99; ctx:set("a", e.data.a) end', data={"a": 1})
+    assert rec[0] is None and rec[1] == {"a": 99}
+    (rec,) = box.run('function decide(e, ctx) ctx:set("a2", e.data.a) end', data={"a": 1})
+    assert rec[1] == {"a2": 1}
     assert_clean(box)
