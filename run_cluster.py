@@ -83,7 +83,6 @@ class Cluster:
         self.ray_started = True
 
         from actors.delivery_actor import DeliveryActor
-
         from actors.serve_app import Ingress
         from actors.shard_actor import UserActivityActor
         from actors.stream_actor import StreamIngressActor

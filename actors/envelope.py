@@ -54,12 +54,14 @@ def check_event(raw: Any, now_ms: int) -> tuple[Event | None, str]:
             if data is None:
                 return _new(Event, (eid, campaign, user, etype, ts, _EMPTY, False)), ""
             if type(data) is dict and len(data) < 64:
+                if not data:
+                    return _new(Event, (eid, campaign, user, etype, ts, data, False)), ""
                 try:
-                    blob = _pack(data) if data else False
+                    packed: bytes | None = _pack(data)
                 except (TypeError, ValueError, OverflowError):
-                    blob = None
-                if blob is not None and (blob is False or len(blob) <= MAX_DATA_BYTES):
-                    return _new(Event, (eid, campaign, user, etype, ts, data, blob)), ""
+                    packed = None
+                if packed is not None and len(packed) <= MAX_DATA_BYTES:
+                    return _new(Event, (eid, campaign, user, etype, ts, data, packed)), ""
     return _check_slow(raw, now_ms)
 
 
@@ -87,11 +89,12 @@ def _check_slow(raw: Any, now_ms: int) -> tuple[Event | None, str]:
         return None, f"data: expected an object, got {type(data).__name__}"
     elif data:
         try:
-            blob = _pack(data)
+            packed: bytes = _pack(data)
         except (TypeError, ValueError, OverflowError) as e:
             return None, f"data: cannot be encoded ({e})"
-        if len(blob) > MAX_DATA_BYTES:
-            return None, f"data: {len(blob)} bytes encoded, at most {MAX_DATA_BYTES} allowed"
+        if len(packed) > MAX_DATA_BYTES:
+            return None, f"data: {len(packed)} bytes encoded, at most {MAX_DATA_BYTES} allowed"
+        blob = packed
     return Event(eid, campaign, user, etype, ts, data, blob), ""  # type: ignore[arg-type]
 
 

@@ -72,7 +72,8 @@ class _UserActivityActor:
         """msgpack list of events in, msgpack list of results out (after the durable commit)."""
         events = msgpack.unpackb(payload, raw=False, strict_map_key=False)
         results = await self.process_events(events)
-        return msgpack.packb(results)
+        reply: bytes = msgpack.packb(results)
+        return reply
 
     async def process_events(self, events: list[Any]) -> list[dict[str, Any]]:
         self._ensure_loop()
@@ -140,6 +141,6 @@ class _UserActivityActor:
         self.core.close()
 
 
-UserActivityActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)(
+UserActivityActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)(  # type: ignore[call-overload]
     _UserActivityActor
 )

@@ -54,7 +54,8 @@ def encode_snapshot(state: UserState, context: bytes | None) -> bytes:
     """msgpack [version, seen, caps, context-msgpack-or-nil]."""
     caps = [[i, p, n] for i, periods in sorted(state.caps.items()) for p, n in sorted(periods.items())] \
         if state.caps else []
-    return msgpack.packb([SNAPSHOT_VERSION, state.seen, caps, context], use_bin_type=True)
+    blob: bytes = msgpack.packb([SNAPSHOT_VERSION, state.seen, caps, context], use_bin_type=True)
+    return blob
 
 
 def decode_snapshot(blob: bytes) -> tuple[UserState, bytes | None]:
