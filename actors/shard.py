@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -18,12 +19,25 @@ from actors.catalog import ScriptCatalog
 from actors.engine import ShardEngine, user_key
 from actors.keygroups import groups_of_shard
 from actors.leases import LeasedBudgets
-from actors.store import FencedError, RedisStore
+from actors.store import RedisStore
 from config.schema import Config
 
-__all__ = ["ShardCore"]
+__all__ = ["PreparedBatch", "ShardCore"]
 
 log = logging.getLogger("playbus.shard")
+
+
+@dataclass
+class PreparedBatch:
+    """A decided micro-batch and everything its commit writes."""
+
+    results: list[dict[str, Any]]
+    dirty: set[str]
+    snapshots: dict[str, bytes]
+    journal: list[dict[str, Any]]
+    actions: list[dict[str, Any]]
+    failed: list[dict[str, Any]]
+    size: int
 
 
 class ShardCore:
@@ -68,6 +82,18 @@ class ShardCore:
     # -- the micro-batch ---------------------------------------------------------------------------
     def process(self, events: list[Any], now_ms: int | None = None) -> list[dict[str, Any]]:
         """Decide and durably commit one micro-batch; results in input order."""
+        batch = self.prepare(events, now_ms)
+        try:
+            self.commit(batch)
+        except Exception:
+            # Redis did not take the batch (or this shard was fenced): memory is ahead of Redis, so forget
+            # these users; a retry reloads them and dedup (committed with the state) answers what landed.
+            self.forget(batch.dirty)
+            raise
+        return batch.results
+
+    def prepare(self, events: list[Any], now_ms: int | None = None) -> PreparedBatch:
+        """Load missing users, decide, and build the commit (no write yet). Runs on the actor's thread."""
         now = int(time.time() * 1000) if now_ms is None else now_ms
         eng = self.engine
         missing = eng.missing(events)
@@ -76,28 +102,24 @@ class ShardCore:
                 eng.restore(key, blob)
         outcome = eng.process(events, now)
         dirty = eng.take_dirty()
-        snaps = eng.snapshot(dirty)
+        return PreparedBatch(outcome.results, dirty, eng.snapshot(dirty), outcome.journal, outcome.actions,
+                             outcome.failed, len(events))
+
+    def commit(self, batch: PreparedBatch) -> None:
+        """Write a prepared batch to Redis. Touches no engine state, so it may run on another thread while
+        the next batch is decided; the caller forgets `batch.dirty` if it raises."""
         t = time.perf_counter()
-        try:
-            self.store.commit(self.epochs, snaps, outcome.journal, outcome.actions, outcome.failed,
-                              self.stream_targets, self.webhooks)
-        except FencedError:
-            self._forget(dirty)
-            raise
-        except Exception:
-            # Redis did not take the batch: memory is ahead of Redis, so forget these users; a retry
-            # reloads them and dedup (committed with the state) answers what did land.
-            self._forget(dirty)
-            raise
+        self.store.commit(self.epochs, batch.snapshots, batch.journal, batch.actions, batch.failed,
+                          self.stream_targets, self.webhooks)
         self.last_commit_ms = (time.perf_counter() - t) * 1000
         self.commit_ms.append(self.last_commit_ms)
         self.batches += 1
-        self.events += len(events)
+        self.events += batch.size
         log.debug("shard %d batch %d: %d events, %d actions, commit %.2f ms", self.shard, self.batches,
-                  len(events), len(outcome.actions), self.last_commit_ms)
-        return outcome.results
+                  batch.size, len(batch.actions), self.last_commit_ms)
 
-    def _forget(self, keys: set[str]) -> None:
+    def forget(self, keys: set[str]) -> None:
+        """Drop these users from memory: their next event reloads them from Redis."""
         for k in keys:
             self.engine.evict(k)
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgpack
 import ray
 from ray.util import metrics
 
-from actors.shard import ShardCore
+from actors.errors import EngineError
+from actors.shard import PreparedBatch, ShardCore
 from config.schema import Config
 
 __all__ = ["UserActivityActor"]
@@ -35,6 +37,8 @@ class _UserActivityActor:
         self._pending_n = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")  # one: commits stay ordered
+        self._inflight: tuple[asyncio.Future[None], PreparedBatch, list[Any]] | None = None
         tags = {"shard": str(shard)}
         self._m_events = metrics.Counter("playbus_events", "events by result status", tag_keys=("shard", "status"))
         self._m_rule_errors = metrics.Counter("playbus_rule_errors", "failed rule runs", tag_keys=("shard",))
@@ -85,35 +89,67 @@ class _UserActivityActor:
         return await fut
 
     async def _flusher(self) -> None:
+        """Cut batches and pipeline them: batch N+1 is decided while batch N commits on the commit thread.
+
+        Callers of a batch are answered only after its own commit. If a commit fails, the batch decided on
+        top of it fails too (its decisions saw state that never landed) and both batches' users are
+        forgotten, so the callers' retries reload them from Redis.
+        """
         assert self._wake is not None
+        loop = asyncio.get_running_loop()
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._pending_n < self.max_events and self.max_wait > 0:
-                await asyncio.sleep(self.max_wait)
-            while self._pending:
-                take, n = [], 0
-                while self._pending and (n == 0 or n + len(self._pending[0][0]) <= self.max_events):
-                    item = self._pending.pop(0)
-                    take.append(item)
-                    n += len(item[0])
-                self._pending_n -= n
-                events = [e for evs, _ in take for e in evs]
-                try:
-                    results = self.core.process(events)
-                except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
-                    log.warning("shard %d: batch of %d events failed: %s", self.core.shard, n, e)
-                    for _, fut in take:
-                        if not fut.done():
-                            fut.set_exception(e)
+            if not self._pending:
+                if self._inflight is not None:
+                    await self._settle()
                     continue
-                self._record(results)
-                i = 0
-                for evs, fut in take:
-                    if not fut.done():
-                        fut.set_result(results[i:i + len(evs)])
-                    i += len(evs)
-                await asyncio.sleep(0)  # let new callers in between batches
+                await self._wake.wait()
+                self._wake.clear()
+                if self._pending_n < self.max_events and self.max_wait > 0:
+                    await asyncio.sleep(self.max_wait)
+                continue
+            take, n = [], 0
+            while self._pending and (n == 0 or n + len(self._pending[0][0]) <= self.max_events):
+                item = self._pending.pop(0)
+                take.append(item)
+                n += len(item[0])
+            self._pending_n -= n
+            try:
+                batch = self.core.prepare([e for evs, _ in take for e in evs])
+            except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
+                self._fail(take, e)
+                continue
+            if self._inflight is not None and not await self._settle():
+                self.core.forget(batch.dirty)
+                self._fail(take, EngineError("the previous batch failed to commit; retry"))
+                continue
+            fut = loop.run_in_executor(self._committer, self.core.commit, batch)
+            self._inflight = (fut, batch, take)
+            await asyncio.sleep(0)  # let new callers in while the commit runs
+
+    async def _settle(self) -> bool:
+        """Wait for the commit in flight and answer its callers; False if it failed."""
+        assert self._inflight is not None
+        fut, batch, take = self._inflight
+        self._inflight = None
+        try:
+            await fut
+        except Exception as e:  # noqa: BLE001 - the callers retry; dedup makes that safe
+            self.core.forget(batch.dirty)
+            self._fail(take, e)
+            return False
+        self._record(batch.results)
+        i = 0
+        for evs, f in take:
+            if not f.done():
+                f.set_result(batch.results[i:i + len(evs)])
+            i += len(evs)
+        return True
+
+    def _fail(self, take: list[tuple[list[Any], asyncio.Future[list[dict[str, Any]]]]], e: Exception) -> None:
+        log.warning("shard %d: batch of %d events failed: %s", self.core.shard, sum(len(x) for x, _ in take), e)
+        for _, f in take:
+            if not f.done():
+                f.set_exception(e)
 
     async def put_script(self, name: str, source: str, version: int) -> int:
         self.core.put_script(name, source, version)
@@ -138,6 +174,8 @@ class _UserActivityActor:
         self.core.commit_ms.clear()
 
     async def close(self) -> None:
+        while self._pending or self._inflight is not None:  # let queued batches commit first
+            await asyncio.sleep(0.01)
         self.core.close()
 
 
