@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python run_cluster.py --config config/example.yaml
+	$(BIN)/python run_cluster.py --config config/example.yaml --redis-dir var/redis
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -24,9 +24,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m loadtest.bench_engine
+	$(BIN)/python -m loadtest.bench_cluster
 
 soak: $(STAMP)
-	$(BIN)/python -m pytest -q tests -m soak
+	$(BIN)/python -m loadtest.soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,185 @@
+"""The load harness's behaviours (loadtest/harness.py): deterministic for a seed, unique ids, valid for the
+example campaign (run through ShardEngine: nothing rejected, no rule error), weights respected; plus the
+user mix, percentiles and the rate limiter. No Ray, no Redis, no network."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors import ShardEngine
+from config import load_config
+from loadtest.harness import (
+    BEHAVIOURS,
+    SPRING2026,
+    Behaviour,
+    CampaignWindow,
+    CheckinUser,
+    Inviter,
+    LatencyRecorder,
+    QuizPlayer,
+    RateLimiter,
+    TaskDoer,
+    TeamMember,
+    make_users,
+    percentile,
+    task,
+)
+
+CONFIG = Path(__file__).resolve().parents[2] / "config" / "example.yaml"
+NOW_MS = 1_769_900_000_000
+
+
+def generate(users: list[Behaviour], rounds: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for _ in range(rounds):
+        for u in users:
+            out += u.next_events()
+    return out
+
+
+def test_the_default_campaign_window_is_the_example_configs() -> None:
+    assert CampaignWindow.from_config(CONFIG) == SPRING2026
+
+
+def test_same_seed_same_events_other_seed_other_events() -> None:
+    behaviours = list(BEHAVIOURS.values())
+    a = generate(make_users(behaviours, 20, seed=7), 15)
+    b = generate(make_users(behaviours, 20, seed=7), 15)
+    c = generate(make_users(behaviours, 20, seed=8), 15)
+    assert a == b
+    assert [e["id"] for e in a] != [e["id"] for e in c]
+    assert {e["id"] for e in a}.isdisjoint(e["id"] for e in c)  # the seed is in the id prefix
+
+
+def test_ids_are_unique_and_timestamps_move_forward_inside_the_window() -> None:
+    users = make_users(list(BEHAVIOURS.values()), 30, seed=3)
+    events = generate(users, 120)  # enough for check-in users to run past the campaign end and come back
+    ids = [e["id"] for e in events]
+    assert len(ids) == len(set(ids))
+    assert all(0 < len(i) <= 128 for i in ids)
+    assert all(SPRING2026.starts_ms <= e["ts"] < SPRING2026.ends_ms for e in events)
+    assert all(e["campaign"] == "spring2026" for e in events)
+    by_user: dict[str, list[int]] = {}
+    for e in events:
+        by_user.setdefault(e["user"], []).append(e["ts"])
+    assert all(ts == sorted(ts) for ts in by_user.values()), "a user's clock went back"
+    assert any(u.generation > 0 for u in users if isinstance(u, CheckinUser))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_generated_events_are_valid_for_the_example_campaign(seed: int) -> None:
+    engine = ShardEngine(load_config(CONFIG))
+    users = make_users(list(BEHAVIOURS.values()), 40, seed=seed)
+    events = generate(users, 10)  # 400 events of every gameplay
+    out = engine.process(events, NOW_MS)
+    statuses = Counter(r["status"] for r in out.results)
+    assert statuses == {"applied": len(events)}, [r for r in out.results if r["status"] != "applied"][:3]
+    assert [r["errors"] for r in out.results if r["errors"]] == []
+    assert out.failed == []
+    assert {e["type"] for e in events} == {"quiz.answered", "task.completed", "checkin.checked_in",
+                                           "assist.helped", "team.formed", "team.completed"}
+    granted = Counter(a["type"] for a in out.actions)
+    # Every rule of the example campaign fires for some of them.
+    assert {r["rule"] for r in out.journal if r["actions"]} >= {
+        "first_quiz_lottery", "task_cash_by_tier", "checkin_streak", "assist_inviter_reward", "team_role_reward"}
+    assert granted["lottery.grant_chance"] > 0 and granted["wallet.grant_points"] > 0
+
+
+def test_event_shapes_match_the_example_events() -> None:
+    quiz = QuizPlayer(0, seed=1).next_events()[0]
+    assert quiz["type"] == "quiz.answered" and set(quiz["data"]) == {"question", "correct"}
+    t = TaskDoer(0, seed=1).next_events()[0]
+    assert t["type"] == "task.completed" and t["data"]["tier"] in (1, 2, 3) and isinstance(t["data"]["task"], str)
+    c = CheckinUser(0, seed=1).next_events()[0]
+    assert c["type"] == "checkin.checked_in" and "data" not in c
+    inviter = Inviter(0, seed=1)
+    helps = generate([inviter], 30)
+    assert all(e["type"] == "assist.helped" and e["user"].startswith(inviter.base) for e in helps)
+    assert all(e["data"]["helper"] != e["user"] and e["data"]["chain"].startswith("chain-") for e in helps)
+    assert len({e["data"]["helper"] for e in helps}) < len(helps)  # some friends help twice
+    team = generate([TeamMember(0, seed=1)], 40)
+    formed = {e["data"]["team"]: e["data"]["role"] for e in team if e["type"] == "team.formed"}
+    assert set(formed.values()) <= {"leader", "member"}
+    done = [e for e in team if e["type"] == "team.completed"]
+    assert done and all(e["data"]["team"] in formed for e in done)
+
+
+def test_the_example_rules_reward_what_the_behaviours_do() -> None:
+    """One user of each kind, run long enough: the quiz chance, tier cash, a 7-day streak, the assist reward
+    and the team reward each happen (the budget of 30.00 CNY runs dry, which is no rule error)."""
+    engine = ShardEngine(load_config(CONFIG))
+    users: list[Behaviour] = [QuizPlayer(0, 5), TaskDoer(0, 5), CheckinUser(0, 5), Inviter(0, 5), TeamMember(0, 5)]
+    out = engine.process(generate(users, 25), NOW_MS)
+    reasons = Counter((a["params"].get("reason") or "").split("_")[0] for a in out.actions)
+    assert reasons["first"] == 1 and reasons["task"] >= 1 and reasons["checkin"] >= 1
+    assert reasons["assist"] == 1 and reasons["team"] >= 1
+
+
+def test_user_mix_follows_behaviour_weights() -> None:
+    users = make_users(list(BEHAVIOURS.values()), 200, seed=0)
+    mix = Counter(type(u).__name__ for u in users)
+    total_w = sum(b.weight for b in BEHAVIOURS.values())
+    assert sum(mix.values()) == 200
+    for name, b in BEHAVIOURS.items():
+        assert abs(mix[name] - 200 * b.weight / total_w) <= 1
+    assert len({u.user for u in users}) == 200
+    assert [type(u).__name__ for u in users[:5]] == list(BEHAVIOURS)  # interleaved, not grouped
+
+
+def test_task_weights_are_respected_roughly() -> None:
+    class Weighted(Behaviour):
+        kind = "w"
+
+        @task(1)
+        def rare(self) -> dict[str, Any]:
+            return self.event("w.rare")
+
+        @task(9)
+        def common(self) -> dict[str, Any]:
+            return self.event("w.common")
+
+        @task
+        def bare(self) -> dict[str, Any]:
+            return self.event("w.bare")
+
+    assert Weighted.tasks() == (("rare", "common", "bare"), (1, 9, 1))
+    u = Weighted(0, seed=11)
+    counts = Counter(e["type"] for e in generate([u], 5500))
+    assert 0.85 * 4500 <= counts["w.common"] <= 1.15 * 4500
+    assert 0.8 * 500 <= counts["w.rare"] <= 1.2 * 500 and 0.8 * 500 <= counts["w.bare"] <= 1.2 * 500
+
+    tiers = Counter(e["data"]["tier"] for e in generate([TaskDoer(i, seed=4) for i in range(10)], 300))
+    n = sum(tiers.values())
+    assert abs(tiers[1] / n - 0.6) < 0.05 and abs(tiers[2] / n - 0.3) < 0.05 and abs(tiers[3] / n - 0.1) < 0.04
+
+
+def test_a_behaviour_without_tasks_or_with_a_bad_weight_is_refused() -> None:
+    class Empty(Behaviour):
+        kind = "e"
+
+    with pytest.raises(TypeError):
+        Empty(0).next_events()
+    with pytest.raises(ValueError):
+        task(0)
+
+
+def test_percentiles_and_rate_limiter() -> None:
+    xs = sorted(float(i) for i in range(1, 101))
+    assert percentile(xs, 0.5) == 50 and percentile(xs, 0.95) == 95 and percentile(xs, 0.99) == 99
+    assert percentile([], 0.5) == 0.0 and percentile([7.0], 0.99) == 7.0
+    rec = LatencyRecorder()
+    for i in range(10):
+        rec.add(float(i), "200" if i else "err")
+    assert rec.summary()["p50"] == 4.0 and rec.outcomes == {"200": 9, "err": 1}
+    assert len(rec.cut()) == 10 and rec.cut() == []
+
+    limiter = RateLimiter(200, burst=1)
+    t = time.monotonic()
+    for _ in range(41):
+        limiter.acquire()
+    assert 0.15 <= time.monotonic() - t < 1.5
