@@ -16,23 +16,23 @@ class CampaignClock:
 
     def __init__(self, tz: str) -> None:
         self._zone = ZoneInfo(tz)
-        self._offsets: dict[int, int] = {}
+        self.offsets: dict[int, int] = {}
 
     def offset_ms(self, ts: int) -> int:
         slot = ts // _SLOT_MS
-        off = self._offsets.get(slot)
+        off = self.offsets.get(slot)
         if off is None:
             dt = datetime.fromtimestamp(slot * _SLOT_MS / 1000, tz=timezone.utc).astimezone(self._zone)
             delta = dt.utcoffset()
             off = int(delta.total_seconds() * 1000) if delta is not None else 0
-            if len(self._offsets) > 100_000:
-                self._offsets.clear()
-            self._offsets[slot] = off
+            if len(self.offsets) > 100_000:
+                self.offsets.clear()
+            self.offsets[slot] = off
         return off
 
     def day(self, ts: int) -> int:
         """Local day number: days since 1970-01-01 in the campaign's zone."""
-        off = self._offsets.get(ts // _SLOT_MS)
+        off = self.offsets.get(ts // _SLOT_MS)
         if off is None:
             off = self.offset_ms(ts)
         return (ts + off) // _DAY_MS

@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Any
+from zlib import crc32
 
 from actors.budgets import Budgets, LocalBudgets
 from actors.caps import CapBook
 from actors.clock import CampaignClock
 from actors.envelope import Event, check_event
-from actors.state import _DIGEST, UserState, decode_snapshot, encode_snapshot, event_digest
+from actors.state import _DIGEST, DIGEST_SEED, UserState, decode_snapshot, encode_snapshot
 from config.schema import CampaignConfig, Config, RuleConfig
 from scripting.registry import ScriptRegistry
 from scripting.sandbox import Sandbox
@@ -69,6 +70,7 @@ class _Campaign:
     caps: CapBook
     budgets: dict[str, tuple[str, str]]  # action type -> (budget name, param)
     rulesets: dict[str, _RuleSet]
+    offsets: dict[int, int]  # the clock's cache of UTC offsets per quarter hour, read inline per event
 
 
 class ShardEngine:
@@ -97,9 +99,10 @@ class ShardEngine:
         rulesets = {
             t: _RuleSet(self.sandbox.define_ruleset([r.handle for r in rules]), rules) for t, rules in by_type.items()
         }
+        clock = CampaignClock(c.timezone)
         return _Campaign(
             config=c, id_b=c.id.encode(), starts_ms=c.starts_ms, ends_ms=c.ends_ms,
-            clock=CampaignClock(c.timezone), caps=CapBook(c.caps), budgets=budgets, rulesets=rulesets,
+            clock=clock, caps=CapBook(c.caps), budgets=budgets, rulesets=rulesets, offsets=clock.offsets,
         )
 
     def _build_rule(self, c: CampaignConfig, rc: RuleConfig, budget_params: dict[str, str]) -> _Rule:
@@ -143,36 +146,38 @@ class ShardEngine:
                 results[idx] = {"id": rid if type(rid) is str else None, "status": "rejected",
                                 "actions": [], "errors": [reason]}
                 continue
-            camp = campaigns.get(ev.campaign)
+            eid, campaign, user, etype, ts, _, blob = ev  # locals: NamedTuple attribute reads cost ~30 ns each
+            camp = campaigns.get(campaign)
             if camp is None:
-                results[idx] = {"id": ev.id, "status": "rejected", "actions": [],
-                                "errors": [f"campaign: unknown campaign {ev.campaign!r}"]}
+                results[idx] = {"id": eid, "status": "rejected", "actions": [],
+                                "errors": [f"campaign: unknown campaign {campaign!r}"]}
                 continue
-            key = f"{ev.campaign}\x00{ev.user}"
+            key = f"{campaign}\x00{user}"
             st = users.get(key)
             if st is None:
                 st = users[key] = UserState()
-            digest = event_digest(ev.id)
+            id_b = eid.encode()
+            digest = (crc32(id_b) | crc32(id_b, DIGEST_SEED) << 32).to_bytes(8, "little")  # = event_digest(eid)
             seen = st.seen
             if digest in seen and st.has_seen(digest):
-                results[idx] = {"id": ev.id, "status": "duplicate", "actions": [], "errors": []}
+                results[idx] = {"id": eid, "status": "duplicate", "actions": [], "errors": []}
                 continue
             seen += digest
             st.seen = seen if len(seen) <= span else seen[-span:]
             add_dirty(key)
-            results[idx] = {"id": ev.id, "status": "applied", "actions": [], "errors": []}
-            ts = ev.ts
+            results[idx] = {"id": eid, "status": "applied", "actions": [], "errors": []}
             if not camp.starts_ms <= ts < camp.ends_ms:
                 continue
-            rs = camp.rulesets.get(ev.type)
+            rs = camp.rulesets.get(etype)
             if rs is None:
                 continue
-            day = camp.clock.day(ts)
-            tb = type_b.get(ev.type)
+            off = camp.offsets.get(ts // 900_000)
+            day = (ts + off) // 86_400_000 if off is not None else camp.clock.day(ts)  # = clock.day(ts)
+            tb = type_b.get(etype)
             if tb is None:
-                tb = type_b[ev.type] = ev.type.encode()
-            user_b = ev.user.encode()
-            cols += (ev.id.encode(), tb, user_b, camp.id_b, ts, day, ev.blob, camp.id_b + b"\x00" + user_b, rs.handle)
+                tb = type_b[etype] = etype.encode()
+            user_b = user.encode()
+            cols += (id_b, tb, user_b, camp.id_b, ts, day, blob, camp.id_b + b"\x00" + user_b, rs.handle)
             add_work((idx, ev, st, day, camp, rs))
         outcome = BatchOutcome(results)
         if work:
@@ -185,6 +190,7 @@ class ShardEngine:
         journal, actions, failed, results = out.journal, out.actions, out.failed, out.results
         for idx, ev, st, day, camp, rs in work:
             res = results[idx]
+            eid, campaign, user, _, ts, _, _ = ev
             for rule in rs.rules:
                 err, changes, emits = records[ri]
                 ri += 1
@@ -200,15 +206,15 @@ class ShardEngine:
                             refused.append({"type": atype, "params": params, "reason": reason})
                         else:
                             granted.append({
-                                "id": action_id(ev.campaign, ev.user, ev.id, rule.id, n), "type": atype,
-                                "campaign": ev.campaign, "user": ev.user, "params": params, "cause": ev.id,
+                                "id": action_id(campaign, user, eid, rule.id, n), "type": atype,
+                                "campaign": campaign, "user": user, "params": params, "cause": eid,
                                 "rule": rule.id, "script_version": rule.version,
                             })
                     if granted:
                         res["actions"].extend(granted)
                         actions.extend(granted)
                 journal.append({
-                    "campaign": ev.campaign, "user": ev.user, "event": ev.id, "ts": ev.ts, "rule": rule.id,
+                    "campaign": campaign, "user": user, "event": eid, "ts": ts, "rule": rule.id,
                     "script_version": rule.version, "actions": granted, "changes": changes or {},
                     "error": err, "refused": refused,
                 })

@@ -16,13 +16,14 @@ __all__ = ["UserState", "decode_snapshot", "encode_snapshot", "event_digest"]
 
 SNAPSHOT_VERSION = 1
 _DIGEST = 8
+DIGEST_SEED = 0x5BD1E995
 
 
 def event_digest(event_id: str) -> bytes:
     """8-byte digest of an event id, the unit of the dedup window (per user, so only that user's own
     ids could ever collide; two CRC-32s with different seeds: stable everywhere and cheap)."""
     b = event_id.encode()
-    return (crc32(b) | crc32(b, 0x5BD1E995) << 32).to_bytes(_DIGEST, "little")
+    return (crc32(b) | crc32(b, DIGEST_SEED) << 32).to_bytes(_DIGEST, "little")
 
 
 class UserState:
