@@ -752,17 +752,15 @@ function API.get_contexts(keys_blob)
   return concat(out)
 end
 -- The same as separate msgpack blobs (one bin element each, false where absent), for snapshots.
-function API.get_context_blobs(keys_blob)
-  local out = {}
-  local keys = decode(keys_blob)
-  out[1] = spack(">BI4", 0xdd, #keys)
-  for i = 1, #keys do
+function API.get_context_blobs(keys, n)
+  local out = {spack(">BI4", 0xdd, n)}
+  for i = 1, n do
     local c = CTX[keys[i]]
-    if c == nil then out[#out + 1] = "\xc2"
+    if c == nil then out[i + 1] = "\xc2"
     else
       local b = {}
       enc(c, b)
-      out[#out + 1] = spack(">Bs4", 0xc6, concat(b))
+      out[i + 1] = spack(">Bs4", 0xc6, concat(b))
     end
   end
   return concat(out)

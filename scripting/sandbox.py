@@ -127,7 +127,7 @@ class Sandbox:
         """The contexts of these user keys as msgpack bytes, for snapshots."""
         if not keys:
             return []
-        blob = self._api.get_context_blobs(msgpack.packb(keys))
+        blob = self._api.get_context_blobs(self._table_from([k.encode() for k in keys]), len(keys))
         return [b if b is not False else None for b in msgpack.unpackb(blob, raw=False)]
 
     def load_context(self, key: str, context: dict[str, Any] | bytes) -> None:
