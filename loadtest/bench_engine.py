@@ -3,7 +3,8 @@
     python -m loadtest.bench_engine [--events N] [--users N] [--batch N]
 
 Measured side by side in one run (this machine varies up to 2x between runs):
-  floor      a bare Python loop calling one Lua function per event through lupa (5 scalar arguments)
+  floor      a bare Python loop calling one Lua function per event through lupa (5 scalar arguments), and
+             the same with the event dict converted by table_from (DESIGN.md's ~680,000/s line)
   engine x1  ShardEngine.process in micro-batches, one sandboxed Lua rule per event (budget and memory cap on)
   engine x3  the same with three rules per event
   memory     bytes per user for a 10-key context, 100,000 users (Lua context + Python state)
@@ -86,6 +87,18 @@ def bench_floor(n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+def bench_floor_table(n: int) -> float:
+    """The floor as DESIGN.md measures it: one Lua call per event, the event converted with table_from."""
+    lua = lua54.LuaRuntime()
+    f = lua.eval("function(e) if e.ts == 1 then return e.id end return nil end")
+    table_from = lua.table_from
+    events = _events(n, 10_000, "f")
+    t = time.perf_counter()
+    for e in events:
+        f(table_from(e))
+    return n / (time.perf_counter() - t)
+
+
 def bench_engine(tmp: Path, rules: list[tuple[str, str]], n: int, users: int, batch: int) -> float:
     eng = _engine(tmp, rules)
     eng.process(_events(min(n, 5000), users, "warm"), T0)  # warm up: contexts exist, caches filled
@@ -96,15 +109,17 @@ def bench_engine(tmp: Path, rules: list[tuple[str, str]], n: int, users: int, ba
     return n / (time.perf_counter() - t)
 
 
-def bench_memory(tmp: Path, users: int) -> dict[str, float]:
+def bench_memory(tmp: Path, users: int, events_per_user: int = 1) -> dict[str, float]:
+    """Bytes per user after `events_per_user` events each (32 fills the default dedup window)."""
     eng = _engine(tmp, [("ten", TEN_KEYS)])
     base_lua = eng.sandbox.memory_kb()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    for i in range(0, users, 1000):
-        eng.process([{"id": f"m{j}", "campaign": "spring2026", "user": f"user-{j:08d}", "type": "quiz.answered",
-                      "ts": T0} for j in range(i, min(users, i + 1000))], T0)
-        eng.take_dirty()
+    for r in range(events_per_user):
+        for i in range(0, users, 1000):
+            eng.process([{"id": f"m{r}-{j}", "campaign": "spring2026", "user": f"user-{j:08d}",
+                          "type": "quiz.answered", "ts": T0} for j in range(i, min(users, i + 1000))], T0)
+            eng.take_dirty()
     gc.collect()
     py = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
@@ -129,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"engine benchmark: {args.events:,} events, {args.users:,} users, batches of {args.batch}", flush=True)
         out["floor_events_per_s"] = bench_floor(args.events)
         print(f"  floor (lupa call per event)   {out['floor_events_per_s']:>12,.0f} events/s", flush=True)
+        out["floor_table_from_events_per_s"] = bench_floor_table(args.events)
+        print(f"  floor, event via table_from   {out['floor_table_from_events_per_s']:>12,.0f} events/s", flush=True)
         gc.set_threshold(50_000, 50, 100)
         out["engine_1_rule_events_per_s"] = bench_engine(tmp, [("first_quiz", FIRST_QUIZ)], args.events,
                                                          args.users, args.batch)
@@ -141,11 +158,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            ("engine_3_rules_events_per_s", "engine, 3 rules per event"),
                            ("engine_1_rule_default_gc_events_per_s", "engine, 1 rule, default gc")):
             ratio = out[key] / out["floor_events_per_s"]
-            print(f"  {label:<30}{out[key]:>12,.0f} events/s  ({ratio:.2f}x floor)", flush=True)
+            ratio2 = out[key] / out["floor_table_from_events_per_s"]
+            print(f"  {label:<30}{out[key]:>12,.0f} events/s  ({ratio:.2f}x floor, {ratio2:.2f}x table_from floor)",
+                  flush=True)
         mem = bench_memory(tmp, args.memory_users)
         out.update(mem)
         print(f"  memory, 10-key context, {args.memory_users:,} users: {mem['total_bytes_per_user']:.0f} B/user "
               f"(Lua {mem['lua_bytes_per_user']:.0f} + Python {mem['python_bytes_per_user']:.0f})", flush=True)
+        full = bench_memory(tmp, args.memory_users, events_per_user=32)
+        out.update({f"full_window_{k}": v for k, v in full.items()})
+        print(f"  the same with a full dedup window (32 events each): {full['total_bytes_per_user']:.0f} B/user "
+              f"(Lua {full['lua_bytes_per_user']:.0f} + Python {full['python_bytes_per_user']:.0f})", flush=True)
     print(json.dumps(out))
     return out
 
