@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -169,6 +170,10 @@ class _UserActivityActor:
 
     async def commit_latencies(self) -> list[float]:
         return list(self.core.commit_ms)
+
+    async def cpu_seconds(self) -> float:
+        """CPU time of this shard's process (all threads), for benchmarks."""
+        return time.process_time()
 
     async def reset_stats(self) -> None:
         self.core.commit_ms.clear()

@@ -22,6 +22,7 @@ from zlib import crc32
 
 import msgpack
 import redis
+from hiredis import pack_command
 from redis.exceptions import NoScriptError
 
 from actors.errors import EngineError
@@ -385,15 +386,19 @@ class RedisStore:
             for k, a in calls:
                 keys += k
                 args += (len(k), len(a), *a)
-            for attempt in range(2):
+            for attempt in range(3):
                 self.round_trips += 1
                 try:
-                    out: Any = self.client.evalsha(self._many.sha, len(keys), *keys, *args)
+                    out: Any = self._evalsha_raw(self._many.sha, keys, args)
                     return list(out)
                 except NoScriptError:
                     if attempt:
                         raise
                     self._load_scripts()
+                except (redis.ConnectionError, redis.TimeoutError):
+                    if attempt == 2:
+                        raise
+                    # The batch token makes a re-sent commit a no-op for the groups that did land.
         sha = self._script.sha
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
@@ -414,6 +419,21 @@ class RedisStore:
             self._load_scripts()
             todo = retry
         return results
+
+    def _evalsha_raw(self, sha: str, keys: list[Any], args: list[Any]) -> Any:
+        """EVALSHA with the command packed by hiredis in one call: redis-py's own path checks every argument
+        in Python, about 2 us per event for the ~8 arguments an event brings to a commit."""
+        packed = pack_command(("EVALSHA", sha, len(keys), *keys, *args))
+        pool = self.client.connection_pool
+        conn: Any = pool.get_connection()
+        try:
+            conn.send_packed_command([packed])
+            return conn.read_response()
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
     def _load_scripts(self) -> None:
         pipe = self.client.pipeline(transaction=False)

@@ -52,6 +52,15 @@ return 1
 """
 
 
+def _cpu(r: Any, shards: list[Any]) -> dict[str, float]:
+    """CPU seconds so far of the driver, the shard processes and redis-server."""
+    import ray
+
+    info = r.info("cpu")
+    return {"driver": time.process_time(), "shards": sum(ray.get([s.cpu_seconds.remote() for s in shards])),
+            "redis": info["used_cpu_user"] + info["used_cpu_sys"]}
+
+
 def _pct(xs: list[float], p: float) -> float:
     if not xs:
         return 0.0
@@ -160,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     want = set(args.only or ["actor-per-event", "redis-lua", "shards", "http", "stream"])
 
     import ray
+    import redis
     from ray import serve
 
     from actors.redis_server import RedisServer
@@ -190,8 +200,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "shards" in want:
             asyncio.run(_drive_shards(shards, router, _events(5000, args.users, "w"), args.batch, args.inflight))
             ray.get([s.reset_stats.remote() for s in shards])
+            rcl = redis.Redis.from_url(srv.url)
+            cpu0 = _cpu(rcl, shards)
             eps, lat = asyncio.run(_drive_shards(shards, router, _events(n, args.users, "s"), args.batch,
                                                  args.inflight))
+            cpu1 = _cpu(rcl, shards)
+            per = {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu0}
+            out.update({f"cpu_us_per_event_{k}": v for k, v in per.items()})
+            print("  CPU per event (us): " + ", ".join(f"{k} {v:.1f}" for k, v in per.items()), flush=True)
             commits = [c for s in ray.get([x.commit_latencies.remote() for x in shards]) for c in s]
             out.update(shards_events_per_s=eps, batch_p50_ms=_pct(lat, 0.5), batch_p99_ms=_pct(lat, 0.99),
                        commit_p50_ms=_pct(commits, 0.5), commit_p99_ms=_pct(commits, 0.99),
@@ -210,8 +226,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"p99 {out['http_p99_ms']:.1f} ms", flush=True)
             serve.shutdown()
         if "stream" in want:
-            import redis
-
             r = redis.Redis.from_url(srv.url)
             reader = StreamIngressActor.remote(cfg, shards, srv.url)
             ray.get(reader.start.remote())
