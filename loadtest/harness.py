@@ -24,35 +24,27 @@ its own client (its own batching sender thread and connection) and a share of th
 clients make (p50/p95/p99; timed around `PlaybusClient._post_once` by a subclass, the client is not changed)
 and of every event (send() to result), counts by result status, errors, rule errors and per-gameplay counts.
 
-`ManagedCluster` starts `run_cluster.py` as a subprocess the way tests/e2e/conftest.py does, and stops it
-with SIGTERM, checking that it printed `playbus: stopped`; loadtest/soak.py uses it too.
+With `--start-cluster` it starts its own `run_cluster.py` with `loadtest.launcher.ClusterProcess` (as
+loadtest/soak.py and tests/e2e/conftest.py do), and stops it with SIGTERM, checking that it stopped cleanly.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import http.client
 import json
 import math
-import os
 import random
-import re
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar, overload
 
+from loadtest.launcher import ClusterProcess
 from playbus.client import PlaybusClient
 
 __all__ = [
@@ -63,7 +55,6 @@ __all__ = [
     "CheckinUser",
     "Inviter",
     "LatencyRecorder",
-    "ManagedCluster",
     "QuizPlayer",
     "RateLimiter",
     "Runner",
@@ -714,254 +705,6 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# -- a cluster of our own ----------------------------------------------------------------------------------
-_LISTENING = re.compile(r"^playbus: listening on (http://\S+)")
-_REDIS = re.compile(r"^playbus: embedded redis-server at (redis://\S+)")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, session, ...); None if gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def _live_pids() -> Iterable[int]:
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            yield int(d.name)
-
-
-def http_get(host: str, port: int, path: str, timeout: float = 10) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-class ManagedCluster:
-    """`run_cluster.py --config FILE --port <free> --redis-dir <tmp>` as a subprocess in its own session
-    (like tests/e2e/conftest.py): `start()` waits for "listening on" and /healthz, `stop()` sends SIGTERM and
-    checks exit code 0 and the line "playbus: stopped"; leftovers (our redis-server, Ray processes of the
-    child's process group) are killed and reported."""
-
-    def __init__(self, config: str | Path = "config/example.yaml", shards: int | None = None,
-                 start_timeout_s: float = 180, stop_timeout_s: float = 90, echo: Callable[[str], None] | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.config = Path(config)
-        self.shards = shards
-        self.start_timeout_s = start_timeout_s
-        self.stop_timeout_s = stop_timeout_s
-        self.echo = echo
-        self.extra_env = env or {}
-        self.tmp: str | None = None
-        self.proc: subprocess.Popen[str] | None = None
-        self.lines: list[str] = []
-        self.url = ""
-        self.redis_url = ""
-        self._reader: threading.Thread | None = None
-        self.stop_report: dict[str, Any] = {}
-
-    @property
-    def host(self) -> str:
-        return self.url.split("://", 1)[1].rsplit(":", 1)[0]
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    @property
-    def redis_port(self) -> int:
-        return int(self.redis_url.rsplit(":", 1)[1].split("/")[0])
-
-    def output(self, tail: int = 60) -> str:
-        return "\n".join(self.lines[-tail:])
-
-    def start(self) -> ManagedCluster:
-        self.tmp = tempfile.mkdtemp(prefix="playbus-loadtest-")
-        port = free_port()
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
-        env.pop("RAY_ADDRESS", None)  # always a private local Ray, never someone else's cluster
-        cmd = [sys.executable, "run_cluster.py", "--config", str(self.config), "--port", str(port),
-               "--redis-dir", str(Path(self.tmp) / "redis")]
-        if self.shards is not None:
-            cmd += ["--shards", str(self.shards)]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
-        found: dict[str, str] = {}
-        listening = threading.Event()
-        proc = self.proc
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
-                line = raw.rstrip("\n")
-                self.lines.append(line)
-                if self.echo is not None:
-                    self.echo(line)
-                if m := _REDIS.match(line):
-                    found["redis"] = m.group(1)
-                if m := _LISTENING.match(line):
-                    found["url"] = m.group(1)
-                    listening.set()
-            listening.set()  # EOF: the process ended
-
-        self._reader = threading.Thread(target=pump, name="playbus-cluster-output", daemon=True)
-        self._reader.start()
-        deadline = time.monotonic() + self.start_timeout_s
-        ok = False
-        try:
-            listening.wait(self.start_timeout_s)
-            if "url" not in found or "redis" not in found:
-                raise RuntimeError("run_cluster.py did not print its redis and listening lines in time "
-                                   f"(exit code {proc.poll()}); output:\n{self.output()}")
-            self.url, self.redis_url = found["url"], found["redis"]
-            while not self.healthy():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"/healthz never answered 200 (exit code {proc.poll()}); output:\n"
-                                       + self.output())
-                time.sleep(0.3)
-            ok = True
-        finally:
-            if not ok:
-                self._kill_all()
-        return self
-
-    def healthy(self) -> bool:
-        try:
-            return http_get(self.host, self.port, "/healthz", 5)[0] == 200
-        except (OSError, http.client.HTTPException):
-            return False
-
-    def descendants(self) -> list[int]:
-        """Live processes descended from our run_cluster.py (Ray's raylet, workers, redis-server...)."""
-        if self.proc is None:
-            return []
-        parent: dict[int, int] = {}
-        for pid in _live_pids():
-            f = _proc_stat(pid)
-            if f is not None and f[0] != "Z":
-                parent[pid] = int(f[1])
-        out = []
-        for pid in parent:
-            p, hops = parent.get(pid), 0
-            while p and p != 1 and hops < 64:
-                if p == self.proc.pid:
-                    out.append(pid)
-                    break
-                p, hops = parent.get(p), hops + 1
-        return out
-
-    def processes(self, title_prefix: str) -> list[int]:
-        """Our processes whose command line (Ray sets it to the process title) starts with `title_prefix`:
-        descendants of run_cluster.py, or members of its session (it was started in a new one)."""
-        mine = set(self.descendants())
-        if self.proc is not None:
-            for pid in _live_pids():
-                f = _proc_stat(pid)
-                if f is not None and f[0] != "Z" and int(f[3]) == self.proc.pid:
-                    mine.add(pid)
-        return sorted(p for p in mine if _cmdline(p).startswith(title_prefix))
-
-    def _group_pids(self) -> list[int]:
-        if self.proc is None:
-            return []
-        out = []
-        for pid in _live_pids():
-            f = _proc_stat(pid)
-            if f is not None and f[0] != "Z" and int(f[2]) == self.proc.pid:
-                out.append(pid)
-        return out
-
-    def _redis_pids(self) -> list[int]:
-        if not self.redis_url:
-            return []
-        port = self.redis_port
-        out = []
-        for pid in _live_pids():
-            cmd = _cmdline(pid)
-            f = _proc_stat(pid)
-            if (f is not None and f[0] != "Z" and "redis-server" in cmd
-                    and re.search(rf"(:|--port ){port}(\s|$)", cmd)):
-                out.append(pid)
-        return out
-
-    def _kill_all(self) -> None:
-        """Last resort: SIGKILL the process group of the run_cluster.py we started, and our redis-server."""
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(30)
-        for pid in self._redis_pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self._cleanup_tmp()
-
-    def _cleanup_tmp(self) -> None:
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
-
-    def stop(self) -> dict[str, Any]:
-        """SIGTERM and wait; {"ok", "exit_code", "stopped_line", "seconds", "leftover_redis", "stragglers"}."""
-        if self.proc is None:
-            return {"ok": True}
-        t = time.monotonic()
-        rep: dict[str, Any] = {"exit_code": None, "stopped_line": False, "leftover_redis": [], "stragglers": []}
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rep["exit_code"] = self.proc.wait(self.stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            rep["timeout"] = True
-            self._kill_all()
-        if self._reader is not None:
-            self._reader.join(10)
-        rep["seconds"] = round(time.monotonic() - t, 1)
-        rep["stopped_line"] = "playbus: stopped" in self.lines
-        rep["leftover_redis"] = self._redis_pids()
-        for pid in rep["leftover_redis"]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        end = time.monotonic() + 15
-        while (stragglers := self._group_pids()) and time.monotonic() < end:
-            time.sleep(0.3)
-        rep["stragglers"] = stragglers
-        if stragglers:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self._cleanup_tmp()
-        rep["ok"] = (rep["exit_code"] == 0 and rep["stopped_line"] and not rep["leftover_redis"]
-                     and not rep["stragglers"])
-        self.stop_report = rep
-        return rep
-
-    def __enter__(self) -> ManagedCluster:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.stop_report:
-            self.stop()
-
-
 # -- command line ------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Locust-style load harness for playbus (POST /v1/events through "
@@ -996,11 +739,11 @@ def main(argv: list[str] | None = None) -> int:
     config_path = args.config if Path(args.config).is_absolute() else ROOT / args.config
     campaign = CampaignWindow.from_config(config_path)
 
-    cluster: ManagedCluster | None = None
+    cluster: ClusterProcess | None = None
     url = args.url
     if args.start_cluster:
         echo = (lambda line: print(f"  | {line}", flush=True)) if args.cluster_log else None
-        cluster = ManagedCluster(config_path, shards=args.shards, echo=echo)
+        cluster = ClusterProcess(config_path, shards=args.shards, echo=echo)
         t = time.monotonic()
         print(f"starting run_cluster.py --config {args.config} ...", flush=True)
         cluster.start()
@@ -1025,16 +768,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if cluster is not None:
             rep = cluster.stop()
-            print(f"cluster stop: exit code {rep.get('exit_code')}, 'playbus: stopped' "
-                  f"{'printed' if rep.get('stopped_line') else 'MISSING'}, {rep.get('seconds')} s"
-                  + (f", leftover redis {rep['leftover_redis']}" if rep.get("leftover_redis") else "")
-                  + (f", stragglers {rep['stragglers']}" if rep.get("stragglers") else ""), flush=True)
-            if not rep.get("ok"):
+            print(f"cluster stop: exit code {rep.exit_code}, 'playbus: stopped' "
+                  f"{'printed' if rep.stopped_line else 'MISSING'}, {rep.seconds} s"
+                  + (", no exit within the stop timeout" if rep.timed_out else "")
+                  + (f", leftover redis {rep.leftover_redis}" if rep.leftover_redis else "")
+                  + (f", stragglers {rep.stragglers}" if rep.stragglers else ""), flush=True)
+            if not rep.ok:
                 print("cluster did not stop cleanly; output tail:\n" + cluster.output(40), flush=True)
                 code = code or 1
     if summary is not None:
-        if cluster is not None:
-            summary["cluster_stop"] = cluster.stop_report
+        if cluster is not None and cluster.stop_report is not None:
+            summary["cluster_stop"] = cluster.stop_report.as_dict()
         print(json.dumps(summary, sort_keys=True), flush=True)
     return code
 

@@ -60,7 +60,8 @@ from urllib.parse import quote
 from actors.clock import CampaignClock
 from actors.engine import action_id
 from actors.leases import budget_key
-from loadtest.harness import LatencyRecorder, ManagedCluster, TimedClient, http_get, percentile
+from loadtest.harness import LatencyRecorder, TimedClient, percentile
+from loadtest.launcher import ClusterProcess, StopReport, http_get
 
 CAMPAIGN = "soak"
 TZ = "Asia/Shanghai"
@@ -331,7 +332,7 @@ class Producer(threading.Thread):
 
 # -- faults ------------------------------------------------------------------------------------------------
 class Faults(threading.Thread):
-    def __init__(self, cluster: ManagedCluster, shards: int, stop: threading.Event, start: float, end: float,
+    def __init__(self, cluster: ClusterProcess, shards: int, stop: threading.Event, start: float, end: float,
                  every: tuple[float, float], stall_ms: int, ingress_kills: bool, seed: int,
                  log: Any) -> None:
         super().__init__(name="soak-faults", daemon=True)
@@ -428,7 +429,7 @@ def read_stream(client: Any, stream: str) -> list[dict[str, Any]]:
         start = f"{ms}-{int(seq) + 1}"
 
 
-def get_context(cluster: ManagedCluster, user: str) -> dict[str, Any]:
+def get_context(cluster: ClusterProcess, user: str) -> dict[str, Any]:
     for attempt in range(10):
         try:
             st, body = http_get(cluster.host, cluster.port,
@@ -441,7 +442,7 @@ def get_context(cluster: ManagedCluster, user: str) -> dict[str, Any]:
     raise RuntimeError(f"GET context of {user} failed 10 times")
 
 
-def verify(cluster: ManagedCluster, users: list[SoakUser], model: Model, prog: Progress,
+def verify(cluster: ClusterProcess, users: list[SoakUser], model: Model, prog: Progress,
            resent: list[str]) -> tuple[dict[str, bool], list[str], dict[str, Any]]:
     import redis
 
@@ -593,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="playbus-soak-"))
     config = write_config(tmp, args.shards, args.every, args.cap, args.budget)
     echo = (lambda line: print(f"  | {line}", flush=True)) if args.cluster_log else None
-    cluster = ManagedCluster(config, echo=echo)
+    cluster = ClusterProcess(config, echo=echo)
     log(f"soak: {args.minutes:g} min, {args.users} users, {args.producers} producers x {args.chunk} events per "
         f"request, {args.shards} shards, seed {seed}; config {config}")
     cluster.start()
@@ -617,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     problems: list[str] = []
     info: dict[str, Any] = {}
     sending_s = 0.0
-    rep: dict[str, Any] = {}
+    rep = StopReport()
     try:
         for pr in producers:
             pr.start()
@@ -660,9 +661,9 @@ def main(argv: list[str] | None = None) -> int:
             for f in tmp.iterdir():
                 f.unlink()
             tmp.rmdir()
-    checks["clean_stop"] = bool(rep.get("ok"))
+    checks["clean_stop"] = rep.ok
     if not checks["clean_stop"]:
-        problems.append(f"clean_stop: {rep}; output tail:\n{cluster.output(30)}")
+        problems.append(f"clean_stop: {rep.as_dict()}; output tail:\n{cluster.output(30)}")
     if faults.problems:
         problems.append(f"faults: {faults.problems}")
     kills = [f for f in faults.done if f["kind"] != "redis_stall"]

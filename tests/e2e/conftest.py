@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import re
-import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+
+from loadtest.launcher import ClusterProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -64,9 +60,6 @@ campaigns:
       - {{id: checkin_count, on: checkin.checked_in, script: checkin_count.lua, emits: []}}
 """
 
-_LISTENING = re.compile(r"^playbus: listening on (http://\S+)")
-_REDIS = re.compile(r"^playbus: embedded redis-server at (redis://\S+)")
-
 
 @dataclass
 class Reply:
@@ -78,27 +71,28 @@ class Reply:
         return json.loads(self.body)
 
 
-@dataclass
 class Playbus:
     """A running playbus: its HTTP address, its embedded Redis, its config and its output so far."""
 
-    url: str
-    redis_url: str
-    config_path: Path
-    proc: subprocess.Popen[str]
-    lines: list[str] = field(default_factory=list)
+    def __init__(self, cluster: ClusterProcess, config_path: Path) -> None:
+        self.cluster = cluster
+        self.config_path = config_path
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url
+
+    @property
+    def redis_url(self) -> str:
+        return self.cluster.redis_url
 
     @property
     def host(self) -> str:
-        return self.url.split("://", 1)[1].rsplit(":", 1)[0]
+        return self.cluster.host
 
     @property
     def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    @property
-    def redis_port(self) -> int:
-        return int(self.redis_url.rsplit(":", 1)[1].split("/")[0])
+        return self.cluster.port
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
                 timeout: float = 60) -> Reply:
@@ -141,7 +135,7 @@ class Playbus:
         return redis.Redis.from_url(self.redis_url, socket_timeout=10)
 
     def output(self, tail: int = 60) -> str:
-        return "\n".join(self.lines[-tail:])
+        return self.cluster.output(tail)
 
 
 def event(eid: str, user: str, type: str = "quiz.answered", ts: int = T0, **data: Any) -> dict[str, Any]:
@@ -149,55 +143,6 @@ def event(eid: str, user: str, type: str = "quiz.answered", ts: int = T0, **data
     if data:
         e["data"] = data
     return e
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _redis_pids(port: int) -> list[int]:
-    """Live redis-server processes serving 127.0.0.1:<port> (the embedded one of our cluster)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        if ("redis-server" in cmd and re.search(rf"(:|--port ){port}(\s|$)", cmd)
-                and stat.rsplit(")", 1)[1].split()[0] != "Z"):
-            pids.append(int(d.name))
-    return pids
-
-
-def _group_pids(pgid: int) -> list[int]:
-    """Live processes of a process group (run_cluster.py and the Ray processes it started)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.append(int(d.name))
-    return pids
-
-
-def _healthz_ok(host: str, port: int) -> bool:
-    try:
-        conn = http.client.HTTPConnection(host, port, timeout=5)
-        conn.request("GET", "/healthz")
-        ok = conn.getresponse().status == 200
-        conn.close()
-        return ok
-    except (OSError, http.client.HTTPException):
-        return False
 
 
 def _write_config(base: Path) -> Path:
@@ -208,90 +153,26 @@ def _write_config(base: Path) -> Path:
     return path
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    """Last resort after a failed start or stop: SIGKILL the process group of the run_cluster we started."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(30)
-
-
 @pytest.fixture(scope="session")
 def playbus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Playbus]:
     tmp = tmp_path_factory.mktemp("playbus-e2e")
     config_path = _write_config(tmp)
-    port = _free_port()
-    env = dict(os.environ, PLAYBUS_ADMIN_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)  # always a private local Ray, never someone else's cluster
-    proc = subprocess.Popen(
-        [str(PYTHON), "run_cluster.py", "--config", str(config_path), "--port", str(port),
-         "--redis-dir", str(tmp / "redis"), "--shards", "2"],
-        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, errors="replace", start_new_session=True,
-    )
-    lines: list[str] = []
-    found: dict[str, str] = {}
-    listening = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            lines.append(line)
-            if m := _REDIS.match(line):
-                found["redis"] = m.group(1)
-            if m := _LISTENING.match(line):
-                found["url"] = m.group(1)
-                listening.set()
-        listening.set()  # EOF: the process ended
-
-    reader = threading.Thread(target=pump, name="playbus-e2e-output", daemon=True)
-    reader.start()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    started = False
-    try:
-        listening.wait(START_TIMEOUT_S)
-        if "url" not in found or "redis" not in found:
-            raise AssertionError("run_cluster.py did not print its redis and listening lines in time "
-                                 f"(exit code {proc.poll()}); output:\n" + "\n".join(lines[-60:]))
-        assert found["url"] == f"http://127.0.0.1:{port}", found["url"]
-        pb = Playbus(found["url"], found["redis"], config_path, proc, lines)
-        while not _healthz_ok(pb.host, pb.port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"/healthz never answered 200 (exit code {proc.poll()}); output:\n"
-                                     + pb.output())
-            time.sleep(0.2)
-        started = True
-    finally:
-        if not started:
-            _kill_group(proc)
-            if "redis" in found:
-                for pid in _redis_pids(int(found["redis"].rsplit(":", 1)[1].split("/")[0])):
-                    os.kill(pid, signal.SIGKILL)
-    print(f"\nplaybus e2e: up in {START_TIMEOUT_S - (deadline - time.monotonic()):.1f} s at {pb.url}", file=sys.stderr)
+    cluster = ClusterProcess(config_path, port=free_port(), redis_dir=tmp / "redis", shards=2,
+                             env={"PLAYBUS_ADMIN_TOKEN": TOKEN}, cwd=ROOT, python=PYTHON,
+                             start_timeout_s=START_TIMEOUT_S, stop_timeout_s=STOP_TIMEOUT_S)
+    t = time.monotonic()
+    cluster.start()  # ClusterStartError (with the output) if it does not come up; then nothing of it is left
+    pb = Playbus(cluster, config_path)
+    print(f"\nplaybus e2e: up in {time.monotonic() - t:.1f} s at {pb.url}", file=sys.stderr)
 
     yield pb
 
-    t = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        code = proc.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        raise AssertionError(f"run_cluster.py did not stop within {STOP_TIMEOUT_S} s of SIGTERM; output:\n"
-                             + pb.output()) from None
-    reader.join(10)
-    print(f"playbus e2e: stopped in {time.monotonic() - t:.1f} s", file=sys.stderr)
-    left = _redis_pids(pb.redis_port)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    end = time.monotonic() + 15
-    while (stragglers := _group_pids(proc.pid)) and time.monotonic() < end:
-        time.sleep(0.2)
-    if stragglers:
-        _kill_group(proc)
-    assert code == 0, f"run_cluster.py exited with {code} after SIGTERM; output:\n{pb.output()}"
-    assert "playbus: stopped" in lines, f"no 'playbus: stopped' line; output:\n{pb.output()}"
-    assert not left, f"redis-server of the cluster still running after stop (pids {left})"
-    assert not stragglers, f"processes of the cluster (Ray) still running 15 s after stop (pids {stragglers})"
+    rep = cluster.stop()
+    print(f"playbus e2e: stopped in {rep.seconds:.1f} s", file=sys.stderr)
+    assert not rep.timed_out, (f"run_cluster.py did not stop within {STOP_TIMEOUT_S} s of SIGTERM; output:\n"
+                               + pb.output())
+    assert rep.exit_code == 0, f"run_cluster.py exited with {rep.exit_code} after SIGTERM; output:\n{pb.output()}"
+    assert rep.stopped_line, f"no 'playbus: stopped' line; output:\n{pb.output()}"
+    assert not rep.leftover_redis, f"redis-server of the cluster still running after stop (pids {rep.leftover_redis})"
+    assert not rep.stragglers, ("processes of the cluster (Ray) still running 15 s after stop "
+                                f"(pids {rep.stragglers})")
