@@ -7,7 +7,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from starlette.requests import Request
@@ -68,6 +67,3 @@ class Ingress:
             request.method, path, request.url.query, dict(request.headers), body)
         return Response(content, status_code=status, headers=headers)
 
-
-def shard_handles(names: list[str], namespace: str) -> list[Any]:
-    return [ray.get_actor(n, namespace=namespace) for n in names]

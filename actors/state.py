@@ -44,11 +44,6 @@ class UserState:
             i = seen.find(digest, i + 1)
         return False
 
-    def remember(self, digest: bytes, window: int) -> None:
-        seen = self.seen + digest
-        if len(seen) > window * _DIGEST:
-            seen = seen[-window * _DIGEST :]
-        self.seen = seen
 
 
 def encode_snapshot(state: UserState, context: bytes | None) -> bytes:

@@ -767,12 +767,6 @@ function API.get_context_blobs(keys, n)
 end
 function API.load_context(key, blob) CTX[key] = decode(blob) end
 function API.drop_context(key) CTX[key] = nil end
-function API.clear_contexts() CTX = {} end
-function API.context_count()
-  local n = 0
-  for _ in next, CTX do n = n + 1 end
-  return n
-end
 function API.collect() collectgarbage("collect"); return collectgarbage("count") end
 
 return API

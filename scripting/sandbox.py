@@ -137,12 +137,6 @@ class Sandbox:
     def drop_context(self, key: str) -> None:
         self._api.drop_context(key.encode())
 
-    def clear_contexts(self) -> None:
-        self._api.clear_contexts()
-
-    def context_count(self) -> int:
-        return int(self._api.context_count())
-
     def memory_kb(self) -> float:
         """Live Lua memory in KiB after a full collection."""
         return float(self._api.collect())

@@ -296,3 +296,10 @@ def test_cap_refuses_a_period_older_than_those_counted(tmp_path: Path) -> None:
     late = eng.process([ev(0, ts=T0)], T0)  # a ninth, older day: its count is unknown
     assert late.results[0]["actions"] == []
     assert "older than the 8 counted" in late.journal[0]["refused"][0]["reason"]
+
+
+def test_dedup_window_holds_the_digests_of_the_applied_ids(first: ShardEngine) -> None:
+    from actors.state import event_digest
+
+    first.process([ev(1), ev(2), ev(1)], T0)
+    assert first.users["c1\x00u1"].seen == event_digest("e1") + event_digest("e2")
