@@ -15,6 +15,7 @@ from zlib import crc32
 from actors.budgets import Budgets, LocalBudgets
 from actors.caps import CapBook
 from actors.clock import CampaignClock
+from actors.decision import Decision
 from actors.envelope import Event, check_event
 from actors.state import _DIGEST, DIGEST_SEED, UserState, decode_snapshot, encode_snapshot
 from config.schema import CampaignConfig, Config, RuleConfig
@@ -22,6 +23,8 @@ from scripting.registry import ScriptRegistry
 from scripting.sandbox import Sandbox
 
 __all__ = ["BatchOutcome", "ShardEngine", "action_id", "user_key"]
+
+_new = tuple.__new__
 
 
 def user_key(campaign: str, user: str) -> str:
@@ -41,7 +44,7 @@ class BatchOutcome:
 
     results: list[dict[str, Any]]
     actions: list[dict[str, Any]] = field(default_factory=list)
-    journal: list[dict[str, Any]] = field(default_factory=list)
+    journal: list[Decision] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     dirty: set[str] = field(default_factory=set)
 
@@ -213,11 +216,8 @@ class ShardEngine:
                     if granted:
                         res["actions"].extend(granted)
                         actions.extend(granted)
-                journal.append({
-                    "campaign": campaign, "user": user, "event": eid, "ts": ts, "rule": rule.id,
-                    "script_version": rule.version, "actions": granted, "changes": changes or {},
-                    "error": err, "refused": refused,
-                })
+                journal.append(_new(Decision, (campaign, user, eid, ts, rule.id, rule.version, granted,
+                                               changes if changes is not None else {}, err, refused)))
 
     @staticmethod
     def _failed_entry(ev: Event, rule: _Rule, err: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from actors.catalog import ScriptCatalog
+from actors.decision import Decision
 from actors.engine import ShardEngine, user_key
 from actors.keygroups import groups_of_shard
 from actors.leases import LeasedBudgets
@@ -34,7 +35,7 @@ class PreparedBatch:
     results: list[dict[str, Any]]
     dirty: set[str]
     snapshots: dict[str, bytes]
-    journal: list[dict[str, Any]]
+    journal: list[Decision]
     actions: list[dict[str, Any]]
     failed: list[dict[str, Any]]
     size: int

@@ -25,6 +25,7 @@ import redis
 from hiredis import pack_command
 from redis.exceptions import NoScriptError
 
+from actors.decision import Decision
 from actors.errors import EngineError
 from actors.keygroups import kg_tag
 
@@ -247,14 +248,14 @@ class RedisStore:
             return []
         self.round_trips += 1
         raw = self.client.lrange(self.journal_key(user_key), 0, n - 1)
-        return [msgpack.unpackb(b, raw=False, strict_map_key=False) for b in raw]
+        return [Decision.from_packed(msgpack.unpackb(b, raw=False, strict_map_key=False)) for b in raw]
 
     # -- the commit --------------------------------------------------------------------------------
     def commit(
         self,
         epochs: Mapping[int, int],
         snapshots: Mapping[str, bytes],
-        journal: Iterable[Mapping[str, Any]] = (),
+        journal: Iterable[Decision] = (),
         actions: Iterable[Mapping[str, Any]] = (),
         failed: Iterable[Mapping[str, Any]] = (),
         stream_targets: Mapping[str, str] | None = None,
