@@ -23,13 +23,9 @@ from typing import Any
 
 import msgpack
 
-T0 = 1769000000000
-RULE = """
-function decide(event, ctx)
-  local n = ctx:incr("quiz.answered", 1)
-  if n == 1 then emit("lottery.grant_chance", {chances = 1}) end
-end
-"""
+from loadtest.bench_engine import FIRST_QUIZ as RULE
+from loadtest.bench_engine import T0
+
 CONFIG = """
 shards: {shards}
 key_groups: 128

@@ -12,6 +12,14 @@ from config.schema import Config
 
 T0 = 1769000000000  # 2026-01-21T12:53:20Z, inside the campaigns below
 
+# CONTRACT's example rule: the first quiz answer grants one lottery chance.
+FIRST_QUIZ = """
+function decide(event, ctx)
+  local n = ctx:incr("quiz.answered", 1)
+  if n == 1 then emit("lottery.grant_chance", {chances = 1}) end
+end
+"""
+
 BASE_YAML = """
 targets:
   lottery: {stream: "playbus:actions:lottery"}
@@ -62,3 +70,10 @@ def ev(
     if data:
         e["data"] = data
     return e
+
+
+def quiz_config(tmp: Path, extra: str = "shards: 2\nkey_groups: 16\n") -> Config:
+    """A campaign with the one FIRST_QUIZ rule (named `quiz`), for integration tests."""
+    return make_config(tmp, {"quiz": FIRST_QUIZ},
+                       [{"id": "quiz", "on": "quiz.answered", "script": "quiz", "emits": ["lottery.grant_chance"]}],
+                       extra=extra)

@@ -20,23 +20,12 @@ from actors.ingress import IngressCore
 from actors.shard import ShardCore
 from config.schema import Config
 from playbus.client import ClientClosedError, DeliveryError, PlaybusClient, RequestRejectedError, StreamProducer
-from tests.helpers import T0, make_config
-
-QUIZ = """
-function decide(event, ctx)
-  local n = ctx:incr("quiz.answered", 1)
-  if n == 1 then emit("lottery.grant_chance", {chances = 1}) end
-end
-"""
+from tests.helpers import T0, quiz_config
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
-    return make_config(
-        tmp_path_factory.mktemp("cfg"), {"quiz": QUIZ},
-        [{"id": "quiz", "on": "quiz.answered", "script": "quiz", "emits": ["lottery.grant_chance"]}],
-        extra="shards: 2\nkey_groups: 16\n",
-    )
+    return quiz_config(tmp_path_factory.mktemp("cfg"))
 
 
 def ev(eid: str, user: str) -> dict[str, Any]:

@@ -18,24 +18,14 @@ from actors.store import RedisStore
 from actors.stream_ingress import GROUP, IN_STREAM, REJECTED_STREAM, StreamIngress
 from config.schema import Config
 from playbus.client import StreamProducer
-from tests.helpers import T0, make_config
+from tests.helpers import T0, quiz_config
 
-QUIZ = """
-function decide(event, ctx)
-  local n = ctx:incr("quiz.answered", 1)
-  if n == 1 then emit("lottery.grant_chance", {chances = 1}) end
-end
-"""
 LOTTERY = "playbus:actions:lottery"
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
-    return make_config(
-        tmp_path_factory.mktemp("cfg"), {"quiz": QUIZ},
-        [{"id": "quiz", "on": "quiz.answered", "script": "quiz", "emits": ["lottery.grant_chance"]}],
-        extra="shards: 2\nkey_groups: 16\n",
-    )
+    return quiz_config(tmp_path_factory.mktemp("cfg"))
 
 
 def ev(eid: str, user: str) -> dict[str, Any]:

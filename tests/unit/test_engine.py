@@ -9,14 +9,8 @@ import pytest
 from actors.engine import ShardEngine, action_id
 from actors.state import decode_snapshot
 from scripting.errors import ScriptCompileError
-from tests.helpers import T0, ev, make_config, make_engine
+from tests.helpers import FIRST_QUIZ, T0, ev, make_config, make_engine
 
-FIRST_QUIZ = """
-function decide(event, ctx)
-  local n = ctx:incr("quiz.answered", 1)
-  if n == 1 then emit("lottery.grant_chance", {chances = 1}) end
-end
-"""
 ALWAYS = """
 function decide(event, ctx)
   ctx:incr("n", 1)
