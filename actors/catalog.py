@@ -7,9 +7,12 @@ A rule's script file seeds version 1 the first time the cluster starts; after th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
+
+if TYPE_CHECKING:
+    from actors.engine import ShardEngine
 
 __all__ = ["ScriptCatalog"]
 
@@ -74,3 +77,15 @@ class ScriptCatalog:
             if s is not None:
                 out.append(s)
         return out
+
+    def install(self, engine: ShardEngine, all_versions: bool = True, skip: str | None = None) -> None:
+        """Give `engine` the stored scripts (every version, or only the active ones) and activate them."""
+        for s in self.all():
+            name, active = s["name"], s["active"]
+            if name == skip:
+                continue
+            versions = s["versions"] if all_versions else {active: s["versions"][active]} if active else {}
+            for v, source in versions.items():
+                engine.put_script(name, source, v)
+            if active:
+                engine.activate(name, active)

@@ -257,6 +257,12 @@ class ShardEngine:
                     out.append(key)
         return out
 
+    def start_users(self, events: list[Any], context: dict[str, Any] | bytes) -> None:
+        """Give every user these events touch who is not in memory yet this starting context (dry runs)."""
+        for key in self.missing(events):
+            self.restore(key, None)
+            self.sandbox.load_context(key, context)
+
     def take_dirty(self) -> set[str]:
         """The users changed since the last call (and forget them)."""
         d, self.dirty = self.dirty, set()

@@ -261,15 +261,10 @@ class IngressCore:
                 return _error(422, f"script {name!r} has no version {v!r}")
             source = s["versions"][v]
         engine = ShardEngine(self.config)  # private sandbox and in-memory budgets: nothing leaves it
-        for other in self.catalog.all():
-            if other["name"] != name and other["active"]:
-                engine.put_script(other["name"], other["versions"][other["active"]], other["active"])
-                engine.activate(other["name"], other["active"])
+        self.catalog.install(engine, all_versions=False, skip=name)
         engine.put_script(name, source, v)
         engine.activate(name, v)
         if context:
-            for key in engine.missing(events):
-                engine.restore(key, None)
-                engine.sandbox.load_context(key, context_blob)
+            engine.start_users(events, context_blob)
         out = engine.process(events, int(time.time() * 1000))
         return _json(200, {"results": out.results})

@@ -67,11 +67,7 @@ class ShardCore:
         for c in self.config.campaigns:
             for r in c.rules:
                 self.catalog.seed(r.script_name, r.source)
-        for s in self.catalog.all():
-            for v, source in s["versions"].items():
-                self.engine.put_script(s["name"], source, v)
-            if s["active"]:
-                self.engine.activate(s["name"], s["active"])
+        self.catalog.install(self.engine)
 
     # -- scripts -----------------------------------------------------------------------------------
     def put_script(self, name: str, source: str, version: int) -> None:

@@ -18,7 +18,6 @@ import json
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
-from zlib import crc32
 
 import msgpack
 import redis
@@ -27,7 +26,7 @@ from redis.exceptions import NoScriptError
 
 from actors.decision import Decision
 from actors.errors import EngineError
-from actors.keygroups import kg_tag
+from actors.keygroups import key_group, kg_tag
 
 __all__ = ["COMMIT_LUA", "COMMIT_MANY_LUA", "FencedError", "RedisStore", "StoreError", "group_prefix"]
 
@@ -173,7 +172,7 @@ class RedisStore:
 
     # -- keys --------------------------------------------------------------------------------------
     def group_of(self, user_key: str) -> int:
-        return crc32(user_key.encode()) % self.key_groups
+        return key_group(user_key, self.key_groups)
 
     def users_key(self, kg: int) -> str:
         return self._prefix[kg] + "users"
@@ -213,7 +212,7 @@ class RedisStore:
         by_group: dict[int, list[str]] = {}
         n = self.key_groups
         for k in user_keys:
-            kg = crc32(k.encode()) % n
+            kg = key_group(k, n)
             g = by_group.get(kg)
             if g is None:
                 by_group[kg] = [k]
@@ -277,7 +276,7 @@ class RedisStore:
         n = self.key_groups
 
         def unit(ukey: str) -> _Unit:
-            kg = crc32(ukey.encode()) % n
+            kg = key_group(ukey, n)
             u = units.get(kg)
             if u is None:
                 u = units[kg] = _Unit(kg)

@@ -23,23 +23,20 @@ from typing import Any
 
 import msgpack
 
+from loadtest.bench_engine import CONFIG as BENCH_CONFIG
 from loadtest.bench_engine import FIRST_QUIZ as RULE
 from loadtest.bench_engine import T0
 
-CONFIG = """
-shards: {shards}
-key_groups: 128
-batch: {{max_events: 500, max_wait_ms: 2}}
-targets:
-  lottery: {{stream: "playbus:actions:lottery"}}
-campaigns:
-  - id: spring2026
-    timezone: Asia/Shanghai
-    starts: 2026-01-20T00:00:00+08:00
-    ends: 2026-02-20T00:00:00+08:00
-    rules:
-      - {{id: first_quiz_lottery, on: quiz.answered, script: first_quiz_lottery.lua, emits: [lottery.grant_chance]}}
-"""
+RULE_LINE = ("      - {id: first_quiz_lottery, on: quiz.answered, script: first_quiz_lottery.lua, "
+             "emits: [lottery.grant_chance]}")
+
+
+def config_text(shards: int) -> str:
+    """bench_engine's campaign with the one first-quiz rule, and this benchmark's shards and batch size."""
+    return (f"shards: {shards}\nkey_groups: 128\nbatch: {{max_events: 500, max_wait_ms: 2}}\n"
+            + BENCH_CONFIG.replace("RULES", RULE_LINE))
+
+
 REDIS_DECISION = """
 if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
 local n = redis.call('HINCRBY', KEYS[2], 'quiz.answered', 1)
@@ -178,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as d, RedisServer(Path(d) / "redis") as srv:
         (Path(d) / "first_quiz_lottery.lua").write_text(RULE)
-        cfg = parse_config(CONFIG.format(shards=args.shards), base_dir=Path(d))
+        cfg = parse_config(config_text(args.shards), base_dir=Path(d))
         ray.init(include_dashboard=False, num_cpus=2, logging_level="ERROR", log_to_driver=False)
         n = args.events
         print(f"cluster benchmark: {n:,} events, {args.users:,} users, {args.shards} shards, "

@@ -67,10 +67,8 @@ def dry_run(config_path: str, events_path: str, context_path: str | None, now_ms
             out.write(json.dumps({"id": None, "status": "rejected", "actions": [],
                                   "errors": [f"line {n}: not valid JSON: {e.msg}"], "context": None}) + "\n")
             continue
-        if start_ctx and isinstance(raw, dict):
-            for key in engine.missing([raw]):
-                engine.restore(key, None)
-                engine.sandbox.load_context(key, start_ctx)
+        if start_ctx:
+            engine.start_users([raw], start_ctx)
         outcome = engine.process([raw], now)
         result = dict(outcome.results[0])
         ctx = None
