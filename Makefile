@@ -23,11 +23,11 @@ lint: $(STAMP)
 	$(BIN)/mypy actors scripting config playbus
 
 bench: $(STAMP)
-	$(BIN)/python -m loadtest.bench_engine
-	$(BIN)/python -m loadtest.bench_cluster
+	$(BIN)/python -m playbus.loadtest.bench_engine
+	$(BIN)/python -m playbus.loadtest.bench_cluster
 
 soak: $(STAMP)
-	$(BIN)/python -m loadtest.soak
+	$(BIN)/python -m playbus.loadtest.soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

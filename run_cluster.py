@@ -47,8 +47,8 @@ class Cluster:
         self.ray_started = False
 
     def start(self) -> str:
-        from config.errors import ConfigError
-        from config.loader import load_config
+        from playbus.config.errors import ConfigError
+        from playbus.config.loader import load_config
 
         try:
             config = load_config(self.args.config)
@@ -58,17 +58,17 @@ class Cluster:
             raise SystemExit(f"playbus: {e}") from None
         except ValueError as e:
             raise SystemExit(f"playbus: --shards: {e}") from None
-        from scripting.errors import ScriptError
+        from playbus.scripting.errors import ScriptError
 
         try:
-            from actors.engine import ShardEngine
+            from playbus.actors.engine.engine import ShardEngine
 
             ShardEngine(config)  # compile every script once here: a bad one stops start-up with its line
         except ScriptError as e:
             raise SystemExit(f"playbus: {self.args.config}: {e}") from None
         redis_url = self.args.redis
         if not redis_url:
-            from actors.redis_server import RedisServer
+            from playbus.actors.store.server import RedisServer
 
             self.redis_server = RedisServer(dir=self.args.redis_dir).start()
             redis_url = self.redis_server.url
@@ -82,10 +82,10 @@ class Cluster:
                  log_to_driver=True, logging_level=logging.WARNING)
         self.ray_started = True
 
-        from actors.delivery_actor import DeliveryActor
-        from actors.serve_app import Ingress
-        from actors.shard_actor import UserActivityActor
-        from actors.stream_actor import StreamIngressActor
+        from playbus.actors.edge.delivery_actor import DeliveryActor
+        from playbus.actors.edge.serve_app import Ingress
+        from playbus.actors.edge.shard_actor import UserActivityActor
+        from playbus.actors.edge.stream_actor import StreamIngressActor
 
         print(f"playbus: starting {config.shards} shards over {config.key_groups} key groups", flush=True)
         self.shards = [

@@ -1,21 +1,16 @@
-"""The shard engine and what surrounds it: state, caps, budgets, and (at the edge) the Ray actors."""
+"""playbus.actors: the shards and what surrounds them, in four layers that import only downwards.
+
+    edge     the only modules that import Ray: the actors, the Serve app, the cluster start-up
+    service  plain-Python compositions the actors wrap: shard core, micro-batcher, router, HTTP API, admin
+    store    Redis: the commit unit, budget leases, script catalog, outboxes, input streams
+    engine   the pure decision core: engine, events, user state, caps, clock, budgets, decisions, keys
+
+This folder is the package `playbus.actors` (see playbus/actors); import it by that name.
+"""
 
 from __future__ import annotations
 
-from actors.budgets import Budgets, LocalBudgets
-from actors.engine import BatchOutcome, ShardEngine, action_id, user_key
-from actors.envelope import Event, check_event
-from actors.errors import EngineError, StateError
+if not __name__.startswith("playbus."):
+    raise ImportError(f"import playbus.{__name__}, not {__name__}: this folder is a subpackage of playbus")
 
-__all__ = [
-    "BatchOutcome",
-    "Budgets",
-    "EngineError",
-    "Event",
-    "LocalBudgets",
-    "ShardEngine",
-    "StateError",
-    "action_id",
-    "check_event",
-    "user_key",
-]
+__all__: list[str] = []

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from config.errors import ConfigError
-from config.loader import load_config, parse_config
-from config.schema import (
+if not __name__.startswith("playbus."):
+    raise ImportError(f"import playbus.{__name__}, not {__name__}: this folder is a subpackage of playbus")
+
+from playbus.config.errors import ConfigError
+from playbus.config.loader import load_config, parse_config
+from playbus.config.schema import (
     BatchConfig,
     BudgetConfig,
     CampaignConfig,

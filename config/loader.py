@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from config.errors import ConfigError
-from config.schema import BudgetConfig, CapConfig, Config, FieldCheckError
+from playbus.config.errors import ConfigError
+from playbus.config.schema import BudgetConfig, CapConfig, Config, FieldCheckError
 
 __all__ = ["load_config", "parse_config"]
 

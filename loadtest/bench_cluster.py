@@ -1,6 +1,6 @@
 """Cluster benchmark (issue: the cluster): real Ray actors, a real redis-server, durable commits.
 
-    python -m loadtest.bench_cluster [--events N] [--users N] [--shards N] [--only NAME ...]
+    python -m playbus.loadtest.bench_cluster [--events N] [--users N] [--shards N] [--only NAME ...]
 
 Side by side in one run, as events/s and ratios:
   actor-per-event   baseline: one Ray actor call per event (pipelined, a no-op method)
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +24,9 @@ from typing import Any
 
 import msgpack
 
-from loadtest.bench_engine import CONFIG as BENCH_CONFIG
-from loadtest.bench_engine import FIRST_QUIZ as RULE
-from loadtest.bench_engine import T0
+from playbus.loadtest.bench_engine import CONFIG as BENCH_CONFIG
+from playbus.loadtest.bench_engine import FIRST_QUIZ as RULE
+from playbus.loadtest.bench_engine import T0
 
 RULE_LINE = ("      - {id: first_quiz_lottery, on: quiz.answered, script: first_quiz_lottery.lua, "
              "emits: [lottery.grant_chance]}")
@@ -74,7 +75,7 @@ class _Echo:
 def bench_actor_per_event(n: int) -> float:
     import ray
 
-    echo = ray.remote(num_cpus=0)(_Echo)
+    echo: Any = ray.remote(num_cpus=0)(_Echo)
     actors = [echo.remote(), echo.remote()]
     ray.get([a.call.remote(b"") for a in actors])
     payload = msgpack.packb(_events(1, 1, "x")[0])
@@ -165,18 +166,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import redis
     from ray import serve
 
-    from actors.redis_server import RedisServer
-    from actors.router import Router
-    from actors.serve_app import Ingress
-    from actors.shard_actor import UserActivityActor
-    from actors.stream_actor import StreamIngressActor
-    from config.loader import parse_config
+    from playbus.actors.edge.serve_app import Ingress
+    from playbus.actors.edge.shard_actor import UserActivityActor
+    from playbus.actors.edge.stream_actor import StreamIngressActor
+    from playbus.actors.service.router import Router
+    from playbus.actors.store.server import RedisServer
+    from playbus.config.loader import parse_config
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as d, RedisServer(Path(d) / "redis") as srv:
         (Path(d) / "first_quiz_lottery.lua").write_text(RULE)
         cfg = parse_config(config_text(args.shards), base_dir=Path(d))
-        ray.init(include_dashboard=False, num_cpus=2, logging_level="ERROR", log_to_driver=False)
+        ray.init(include_dashboard=False, num_cpus=2, logging_level=logging.ERROR, log_to_driver=False)
         n = args.events
         print(f"cluster benchmark: {n:,} events, {args.users:,} users, {args.shards} shards, "
               f"batches of {args.batch}; redis {srv.url}", flush=True)
@@ -210,14 +211,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"p99 {out['commit_p99_ms']:.2f} ms over {len(commits)} commits", flush=True)
         if "http" in want:
             serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-            serve.run(Ingress.bind(cfg, shards, srv.url), name="bench", route_prefix="/")
+            serve.run(Ingress.bind(  # type: ignore[attr-defined]
+                cfg, shards, srv.url), name="bench", route_prefix="/")
             url = f"http://127.0.0.1:{args.port}"
             asyncio.run(_drive_http(url, _events(5000, args.users, "hw"), 500, args.clients))
             eps, lat = asyncio.run(_drive_http(url, _events(n, args.users, "h"), 500, args.clients))
             out.update(http_events_per_s=eps, http_p50_ms=_pct(lat, 0.5), http_p99_ms=_pct(lat, 0.99))
             print(f"  HTTP (500/request)         {eps:>10,.0f} events/s   request p50 {out['http_p50_ms']:.1f} ms "
                   f"p99 {out['http_p99_ms']:.1f} ms", flush=True)
-            serve.shutdown()
+            serve.shutdown()  # type: ignore[no-untyped-call]
         if "stream" in want:
             r = redis.Redis.from_url(srv.url)
             reader = StreamIngressActor.remote(cfg, shards, srv.url)

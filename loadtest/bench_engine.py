@@ -1,6 +1,6 @@
 """Engine benchmark (issue: decision engine): events/s of ShardEngine on one core, beside the raw lupa floor.
 
-    python -m loadtest.bench_engine [--events N] [--users N] [--batch N]
+    python -m playbus.loadtest.bench_engine [--events N] [--users N] [--batch N]
 
 Measured side by side in one run (this machine varies up to 2x between runs):
   floor      a bare Python loop calling one Lua function per event through lupa (5 scalar arguments), and
@@ -23,8 +23,8 @@ from typing import Any
 
 import lupa.lua54 as lua54
 
-from actors.engine import ShardEngine
-from config.loader import parse_config
+from playbus.actors.engine.engine import ShardEngine
+from playbus.config.loader import parse_config
 
 T0 = 1769000000000
 FIRST_QUIZ = """

@@ -1,8 +1,8 @@
 """A small locust-style load harness for playbus (no locust dependency).
 
-    python -m loadtest.harness --url http://127.0.0.1:8000 --users 200 --duration 30
-    python -m loadtest.harness --start-cluster --users 50 --duration 20
-    python -m loadtest.harness --url ... --users 200 --events 100000 --rate 2000 --seed 7
+    python -m playbus.loadtest.harness --url http://127.0.0.1:8000 --users 200 --duration 30
+    python -m playbus.loadtest.harness --start-cluster --users 50 --duration 20
+    python -m playbus.loadtest.harness --url ... --users 200 --events 100000 --rate 2000 --seed 7
 
 Virtual users are instances of `Behaviour` subclasses; each subclass has `@task(weight)` methods that
 produce the events of one gameplay for that user, matching the rules of config/example.yaml and the event
@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar, overload
 
-from loadtest.launcher import ClusterProcess
 from playbus.client import PlaybusClient
+from playbus.loadtest.launcher import ClusterProcess
 
 __all__ = [
     "BEHAVIOURS",
@@ -85,7 +85,7 @@ class CampaignWindow:
 
     @classmethod
     def from_config(cls, path: str | Path, campaign: str | None = None) -> CampaignWindow:
-        from config import load_config
+        from playbus.config import load_config
 
         cfg = load_config(path)
         for c in cfg.campaigns:

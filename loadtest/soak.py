@@ -1,6 +1,6 @@
 """Soak: a long fault run against a real cluster, checked against a reference model (`make soak`).
 
-    python -m loadtest.soak [--minutes 5] [--users 400] [--producers 4] [--shards 2] [--seed N]
+    python -m playbus.loadtest.soak [--minutes 5] [--users 400] [--producers 4] [--shards 2] [--seed N]
 
 Starts its own cluster (run_cluster.py as a subprocess, embedded Redis in a temp dir) with a small test
 config written to a temp dir, then runs producers through PlaybusClient for `--minutes`, every event with a
@@ -57,11 +57,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from actors.clock import CampaignClock
-from actors.engine import action_id
-from actors.leases import budget_key
-from loadtest.harness import LatencyRecorder, TimedClient, percentile
-from loadtest.launcher import ClusterProcess, StopReport, http_get
+from playbus.actors.engine.clock import CampaignClock
+from playbus.actors.engine.engine import action_id
+from playbus.actors.store.leases import budget_key
+from playbus.loadtest.harness import LatencyRecorder, TimedClient, percentile
+from playbus.loadtest.launcher import ClusterProcess, StopReport, http_get
 
 CAMPAIGN = "soak"
 TZ = "Asia/Shanghai"

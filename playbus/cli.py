@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from actors.engine import ShardEngine, user_key
-from config.errors import ConfigError
-from config.loader import load_config
-from scripting.errors import ScriptError
+from playbus.actors.engine.engine import ShardEngine, user_key
+from playbus.config.errors import ConfigError
+from playbus.config.loader import load_config
+from playbus.scripting.errors import ScriptError
 
 __all__ = ["main"]
 

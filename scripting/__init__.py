@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from scripting.errors import (
+if not __name__.startswith("playbus."):
+    raise ImportError(f"import playbus.{__name__}, not {__name__}: this folder is a subpackage of playbus")
+
+from playbus.scripting.errors import (
     ScriptBudgetError,
     ScriptCompileError,
     ScriptError,
     ScriptNotFoundError,
     ScriptRuntimeError,
 )
-from scripting.sandbox import BUDGET_ERROR, MEMORY_ERROR, STRIDE, TIME_ERROR, Sandbox
+from playbus.scripting.sandbox import BUDGET_ERROR, MEMORY_ERROR, STRIDE, TIME_ERROR, Sandbox
 
 __all__ = [
     "BUDGET_ERROR",

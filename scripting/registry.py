@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from scripting.errors import ScriptNotFoundError
-from scripting.sandbox import Sandbox
+from playbus.scripting.errors import ScriptNotFoundError
+from playbus.scripting.sandbox import Sandbox
 
 __all__ = ["ScriptRegistry"]
 

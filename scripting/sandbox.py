@@ -13,7 +13,7 @@ from typing import Any
 import lupa.lua54 as lua54
 import msgpack
 
-from scripting.errors import ScriptCompileError
+from playbus.scripting.errors import ScriptCompileError
 
 __all__ = ["BUDGET_ERROR", "MEMORY_ERROR", "STRIDE", "TIME_ERROR", "Sandbox"]
 
@@ -57,7 +57,7 @@ class Sandbox:
         # Hard limit of the whole runtime, re-armed per batch above live memory: a script that allocates
         # in one C call (string.rep, table.concat) fails there; the soft per-run cap is in the driver.
         self._headroom = 2 * max_memory_kb * 1024 + (16 << 20)
-        source = resources.files("scripting").joinpath("driver.lua").read_bytes()
+        source = resources.files("playbus.scripting").joinpath("driver.lua").read_bytes()
         hooks = max(1, max_instructions // _HOOK_EVERY)
         self._api = self._lua.execute(source, hooks, max_memory_kb, self.max_cpu_ms / 1000)
         self._next_handle = 1

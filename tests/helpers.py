@@ -6,9 +6,9 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from actors.engine import ShardEngine
-from config.loader import parse_config
-from config.schema import Config
+from playbus.actors.engine.engine import ShardEngine
+from playbus.config.loader import parse_config
+from playbus.config.schema import Config
 
 T0 = 1769000000000  # 2026-01-21T12:53:20Z, inside the campaigns below
 

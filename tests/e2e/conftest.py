@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 
-from loadtest.launcher import ClusterProcess, free_port
+from playbus.loadtest.launcher import ClusterProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from actors.engine import action_id
+from playbus.actors.engine.engine import action_id
 from tests.e2e.conftest import CAMPAIGN, CHECKIN_V1, ROOT, TOKEN, Playbus, event
 
 PLAYBUS = ROOT / ".venv" / "bin" / "playbus"

@@ -19,10 +19,10 @@ import aiohttp
 import msgpack
 import pytest
 
-from actors.engine import action_id
-from actors.ingress import IngressCore
-from actors.router import Router
-from config.loader import load_config
+from playbus.actors.engine.engine import action_id
+from playbus.actors.service.http_api import IngressCore
+from playbus.actors.service.router import Router
+from playbus.config.loader import load_config
 from tests.e2e.conftest import CAMPAIGN, FIRST_QUIZ_V1, LOTTERY, T0, TOKEN, Playbus, Reply, event
 
 RESULT_KEYS = {"id", "status", "actions", "errors"}

@@ -15,12 +15,12 @@ import msgpack
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from actors.ingress import IngressCore
-from actors.serve_app import call_with_retry
-from actors.shard_actor import UserActivityActor
-from actors.store import group_prefix
-from config.loader import parse_config
-from config.schema import Config
+from playbus.actors.edge.serve_app import call_with_retry
+from playbus.actors.edge.shard_actor import UserActivityActor
+from playbus.actors.service.http_api import IngressCore
+from playbus.actors.store.commit import group_prefix
+from playbus.config.loader import parse_config
+from playbus.config.schema import Config
 
 CAMPAIGN = "c1"
 LOTTERY = "playbus:actions:lottery"

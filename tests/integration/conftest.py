@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from actors.redis_server import RedisServer
+from playbus.actors.store.server import RedisServer
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ import msgpack
 import pytest
 from aiohttp import web
 
-from actors.ingress import IngressCore
-from actors.shard import ShardCore
-from config.schema import Config
+from playbus.actors.service.http_api import IngressCore
+from playbus.actors.service.shard import ShardCore
 from playbus.client import ClientClosedError, DeliveryError, PlaybusClient, RequestRejectedError, StreamProducer
+from playbus.config.schema import Config
 from tests.helpers import T0, quiz_config
 
 

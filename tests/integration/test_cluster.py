@@ -21,15 +21,15 @@ import pytest
 import ray
 from ray.exceptions import RayActorError
 
-from actors.engine import action_id
-from actors.ingress import MAX_EVENTS
-from actors.leases import budget_key
-from actors.redis_server import RedisServer
-from actors.router import Router
-from actors.serve_app import call_with_retry
-from actors.shard import ShardCore
-from actors.store import FencedError, RedisStore
-from config.schema import Config
+from playbus.actors.edge.serve_app import call_with_retry
+from playbus.actors.engine.engine import action_id
+from playbus.actors.service.http_api import MAX_EVENTS
+from playbus.actors.service.router import Router
+from playbus.actors.service.shard import ShardCore
+from playbus.actors.store.commit import FencedError, RedisStore
+from playbus.actors.store.leases import budget_key
+from playbus.actors.store.server import RedisServer
+from playbus.config.schema import Config
 from tests.integration.cluster_helpers import (
     CAMPAIGN,
     CAP_PER_DAY,

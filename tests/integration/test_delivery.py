@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from actors.delivery import GROUP, Deliverer, DeliveryError, backoff_delay
-from config.schema import TargetConfig
+from playbus.actors.service.delivery import GROUP, Deliverer, DeliveryError, backoff_delay
+from playbus.config.schema import TargetConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -254,8 +254,8 @@ def test_stream_targets_get_the_action_and_unknown_gameplays_are_dead_lettered(
 _CRASHING_DELIVERER = """
 import sys
 import redis
-from actors.delivery import Deliverer
-from config.schema import TargetConfig
+from playbus.actors.service.delivery import Deliverer
+from playbus.config.schema import TargetConfig
 port, url = int(sys.argv[1]), sys.argv[2]
 targets = {"wallet": TargetConfig(webhook=url, timeout_s=30)}
 d = Deliverer(redis.Redis(port=port), targets, [0, 1, 2, 3], "doomed")

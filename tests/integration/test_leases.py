@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from actors.leases import LeasedBudgets, budget_key
-from actors.redis_server import RedisServer
-from config import Config, parse_config
+from playbus.actors.store.leases import LeasedBudgets, budget_key
+from playbus.actors.store.server import RedisServer
+from playbus.config import Config, parse_config
 
 PAY = 'function decide(event, ctx) emit("wallet.grant_cash", {amount_cents = 1}) end'
 CONFIG = """

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from actors.engine import ShardEngine
-from actors.keygroups import key_group
-from actors.redis_server import RedisServer
-from actors.store import FencedError, RedisStore
-from config import Config, parse_config
+from playbus.actors.engine.engine import ShardEngine
+from playbus.actors.engine.keys import key_group
+from playbus.actors.store.commit import FencedError, RedisStore
+from playbus.actors.store.server import RedisServer
+from playbus.config import Config, parse_config
 
 KG = 8
 LOTTERY = "playbus:actions:lottery"

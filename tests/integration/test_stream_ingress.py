@@ -10,14 +10,14 @@ from typing import Any
 import msgpack
 import pytest
 
-from actors.engine import user_key
-from actors.router import Router
-from actors.shard import ShardCore
-from actors.state import decode_snapshot
-from actors.store import RedisStore
-from actors.stream_ingress import GROUP, IN_STREAM, REJECTED_STREAM, StreamIngress
-from config.schema import Config
+from playbus.actors.engine.engine import user_key
+from playbus.actors.engine.state import decode_snapshot
+from playbus.actors.service.router import Router
+from playbus.actors.service.shard import ShardCore
+from playbus.actors.service.stream_ingress import GROUP, IN_STREAM, REJECTED_STREAM, StreamIngress
+from playbus.actors.store.commit import RedisStore
 from playbus.client import StreamProducer
+from playbus.config.schema import Config
 from tests.helpers import T0, quiz_config
 
 LOTTERY = "playbus:actions:lottery"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loadtest import bench_engine
+from playbus.loadtest import bench_engine
 
 
 def test_engine_benchmark_runs_and_reports_every_figure() -> None:

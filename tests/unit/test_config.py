@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from config import ConfigError, load_config
+from playbus.config import ConfigError, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "example.yaml"
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from actors.engine import ShardEngine, action_id
-from actors.state import decode_snapshot
-from scripting.errors import ScriptCompileError
+from playbus.actors.engine.engine import ShardEngine, action_id
+from playbus.actors.engine.state import decode_snapshot
+from playbus.scripting.errors import ScriptCompileError
 from tests.helpers import FIRST_QUIZ, T0, ev, make_config, make_engine
 
 ALWAYS = """
@@ -293,7 +293,7 @@ def test_cap_refuses_a_period_older_than_those_counted(tmp_path: Path) -> None:
 
 
 def test_dedup_window_holds_the_digests_of_the_applied_ids(first: ShardEngine) -> None:
-    from actors.state import event_digest
+    from playbus.actors.engine.state import event_digest
 
     first.process([ev(1), ev(2), ev(1)], T0)
     assert first.users["c1\x00u1"].seen == event_digest("e1") + event_digest("e2")

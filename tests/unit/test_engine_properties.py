@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.engine import ShardEngine
+from playbus.actors.engine.engine import ShardEngine
 from tests.helpers import T0, make_config
 
 SCRIPT = """

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from actors import LocalBudgets, ShardEngine
-from config import load_config
+from playbus.actors.engine import LocalBudgets, ShardEngine
+from playbus.config import load_config
 
 CONFIG = Path(__file__).resolve().parents[2] / "config"
 NOW_MS = 1_769_900_000_000  # receive time of the batch; every example event carries its own ts

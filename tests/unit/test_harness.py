@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from actors import ShardEngine
-from config import load_config
-from loadtest.harness import (
+from playbus.actors.engine import ShardEngine
+from playbus.config import load_config
+from playbus.loadtest.harness import (
     BEHAVIOURS,
     SPRING2026,
     Behaviour,

@@ -15,8 +15,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from scripting import BUDGET_ERROR, MEMORY_ERROR, STRIDE, Sandbox, ScriptCompileError
-from scripting.sandbox import TIME_ERROR
+from playbus.scripting import BUDGET_ERROR, MEMORY_ERROR, STRIDE, Sandbox, ScriptCompileError
+from playbus.scripting.sandbox import TIME_ERROR
 
 TS = 1_767_225_600_123  # 2026-01-01T00:00:00.123Z
 DAY = 20454  # 2026-01-01

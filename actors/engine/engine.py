@@ -12,15 +12,15 @@ from hashlib import blake2b
 from typing import Any
 from zlib import crc32
 
-from actors.budgets import Budgets, LocalBudgets
-from actors.caps import CapBook
-from actors.clock import CampaignClock
-from actors.decision import Decision
-from actors.envelope import Event, check_event
-from actors.state import _DIGEST, DIGEST_SEED, UserState, decode_snapshot, encode_snapshot
-from config.schema import CampaignConfig, Config, RuleConfig
-from scripting.registry import ScriptRegistry
-from scripting.sandbox import Sandbox
+from playbus.actors.engine.budgets import Budgets, LocalBudgets
+from playbus.actors.engine.caps import CapBook
+from playbus.actors.engine.clock import CampaignClock
+from playbus.actors.engine.decisions import Decision
+from playbus.actors.engine.events import Event, check_event
+from playbus.actors.engine.state import _DIGEST, DIGEST_SEED, UserState, decode_snapshot, encode_snapshot
+from playbus.config.schema import CampaignConfig, Config, RuleConfig
+from playbus.scripting.registry import ScriptRegistry
+from playbus.scripting.sandbox import Sandbox
 
 __all__ = ["BatchOutcome", "ShardEngine", "action_id", "user_key"]
 

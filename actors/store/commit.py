@@ -24,9 +24,9 @@ import redis
 from hiredis import pack_command
 from redis.exceptions import NoScriptError
 
-from actors.decision import Decision
-from actors.errors import EngineError
-from actors.keygroups import key_group, kg_tag
+from playbus.actors.engine.decisions import Decision
+from playbus.actors.engine.errors import EngineError
+from playbus.actors.engine.keys import key_group, kg_tag
 
 __all__ = ["COMMIT_LUA", "COMMIT_MANY_LUA", "FencedError", "RedisStore", "StoreError", "group_prefix"]
 

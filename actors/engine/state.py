@@ -10,7 +10,7 @@ from zlib import crc32
 
 import msgpack
 
-from actors.errors import StateError
+from playbus.actors.engine.errors import StateError
 
 __all__ = ["UserState", "decode_snapshot", "encode_snapshot", "event_digest"]
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import msgpack
 
-from actors.envelope import check_event
-from actors.keygroups import key_group, shard_of_group
+from playbus.actors.engine.events import check_event
+from playbus.actors.engine.keys import key_group, shard_of_group
 
 ShardCall = Callable[[int, str, Sequence[Any]], Awaitable[Any]]
 

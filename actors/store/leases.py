@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from config.schema import Config
+from playbus.config.schema import Config
 
 __all__ = ["LEASE_LUA", "LeasedBudgets", "budget_key"]
 

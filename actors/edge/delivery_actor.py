@@ -15,8 +15,8 @@ from typing import Any
 import ray
 import redis
 
-from actors.delivery import Deliverer
-from config.schema import Config
+from playbus.actors.service.delivery import Deliverer
+from playbus.config.schema import Config
 
 __all__ = ["DeliveryActor"]
 
@@ -61,4 +61,4 @@ class _DeliveryActor:
         return self.stats()
 
 
-DeliveryActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_DeliveryActor)
+DeliveryActor: Any = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_DeliveryActor)

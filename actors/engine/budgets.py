@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from config.schema import Config
+from playbus.config.schema import Config
 
 __all__ = ["Budgets", "LocalBudgets"]
 

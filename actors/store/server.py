@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from actors.errors import EngineError
+from playbus.actors.engine.errors import EngineError
 
 __all__ = ["RedisServer", "RedisServerError", "find_redis_server"]
 

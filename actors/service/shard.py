@@ -15,13 +15,13 @@ from typing import Any
 
 import redis
 
-from actors.catalog import ScriptCatalog
-from actors.decision import Decision
-from actors.engine import ShardEngine, user_key
-from actors.keygroups import groups_of_shard
-from actors.leases import LeasedBudgets
-from actors.store import RedisStore
-from config.schema import Config
+from playbus.actors.engine.decisions import Decision
+from playbus.actors.engine.engine import ShardEngine, user_key
+from playbus.actors.engine.keys import groups_of_shard
+from playbus.actors.store.catalog import ScriptCatalog
+from playbus.actors.store.commit import RedisStore
+from playbus.actors.store.leases import LeasedBudgets
+from playbus.config.schema import Config
 
 __all__ = ["PreparedBatch", "ShardCore"]
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import ray
 
-from actors.router import Router
-from actors.serve_app import call_with_retry
-from actors.stream_ingress import StreamIngress
-from config.schema import Config
+from playbus.actors.edge.serve_app import call_with_retry
+from playbus.actors.service.router import Router
+from playbus.actors.service.stream_ingress import StreamIngress
+from playbus.config.schema import Config
 
 __all__ = ["StreamIngressActor"]
 
@@ -43,4 +43,4 @@ class _StreamIngressActor:
         return self.reader.stats()
 
 
-StreamIngressActor = ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)(_StreamIngressActor)
+StreamIngressActor: Any = ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)(_StreamIngressActor)

@@ -18,9 +18,9 @@ import msgpack
 import ray
 from ray.util import metrics
 
-from actors.errors import EngineError
-from actors.shard import PreparedBatch, ShardCore
-from config.schema import Config
+from playbus.actors.engine.errors import EngineError
+from playbus.actors.service.shard import PreparedBatch, ShardCore
+from playbus.config.schema import Config
 
 __all__ = ["UserActivityActor"]
 

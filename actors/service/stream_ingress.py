@@ -18,7 +18,7 @@ import msgpack
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from actors.router import Router
+from playbus.actors.service.router import Router
 
 __all__ = ["IN_STREAM", "REJECTED_STREAM", "StreamIngress", "decode_entry"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from config.schema import CapConfig
+from playbus.config.schema import CapConfig
 
 __all__ = ["KEEP_PERIODS", "CapBook"]
 

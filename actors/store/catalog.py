@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 if TYPE_CHECKING:
-    from actors.engine import ShardEngine
+    from playbus.actors.engine.engine import ShardEngine
 
 __all__ = ["ScriptCatalog"]
 

@@ -31,9 +31,9 @@ from typing import Any, Protocol
 import aiohttp
 from redis.exceptions import RedisError, ResponseError
 
-from actors.errors import EngineError
-from actors.keygroups import kg_tag
-from config.schema import TargetConfig
+from playbus.actors.engine.errors import EngineError
+from playbus.actors.engine.keys import kg_tag
+from playbus.config.schema import TargetConfig
 
 __all__ = ["GROUP", "DeliveryError", "Deliverer", "backoff_delay"]
 

@@ -20,14 +20,14 @@ from urllib.parse import parse_qs, unquote
 import msgpack
 import redis
 
-from actors.catalog import ScriptCatalog
-from actors.engine import ShardEngine, user_key
-from actors.router import Router
-from actors.state import decode_snapshot
-from actors.store import RedisStore
-from config.schema import Config
-from scripting.errors import ScriptCompileError, ScriptError
-from scripting.sandbox import Sandbox
+from playbus.actors.engine.engine import ShardEngine, user_key
+from playbus.actors.engine.state import decode_snapshot
+from playbus.actors.service.router import Router
+from playbus.actors.store.catalog import ScriptCatalog
+from playbus.actors.store.commit import RedisStore
+from playbus.config.schema import Config
+from playbus.scripting.errors import ScriptCompileError, ScriptError
+from playbus.scripting.sandbox import Sandbox
 
 __all__ = ["MAX_BODY", "MAX_EVENTS", "IngressCore", "Response"]
 

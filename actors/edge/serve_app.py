@@ -12,8 +12,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from actors.ingress import MAX_BODY, IngressCore
-from config.schema import Config
+from playbus.actors.service.http_api import MAX_BODY, IngressCore
+from playbus.config.schema import Config
 
 __all__ = ["Ingress", "call_with_retry"]
 

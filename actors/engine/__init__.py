@@ -1,0 +1,21 @@
+"""The pure decision core: engine, events, user state, caps, clock, budgets, decisions, keys. No Redis, no Ray."""
+
+from __future__ import annotations
+
+from playbus.actors.engine.budgets import Budgets, LocalBudgets
+from playbus.actors.engine.engine import BatchOutcome, ShardEngine, action_id, user_key
+from playbus.actors.engine.errors import EngineError, StateError
+from playbus.actors.engine.events import Event, check_event
+
+__all__ = [
+    "BatchOutcome",
+    "Budgets",
+    "EngineError",
+    "Event",
+    "LocalBudgets",
+    "ShardEngine",
+    "StateError",
+    "action_id",
+    "check_event",
+    "user_key",
+]

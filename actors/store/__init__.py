@@ -1,0 +1,11 @@
+"""Redis: the fenced commit unit, budget leases, the script catalog, and the embedded redis-server."""
+
+from __future__ import annotations
+
+from playbus.actors.store.catalog import ScriptCatalog
+from playbus.actors.store.commit import FencedError, RedisStore, StoreError
+from playbus.actors.store.leases import LeasedBudgets
+from playbus.actors.store.server import RedisServer, RedisServerError
+
+__all__ = ["FencedError", "LeasedBudgets", "RedisServer", "RedisServerError", "RedisStore", "ScriptCatalog",
+           "StoreError"]
