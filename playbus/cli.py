@@ -11,15 +11,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from playbus.actors.engine.engine import ShardEngine, user_key
+from playbus.admin import add_scripts_parser, run_scripts_command
 from playbus.config.errors import ConfigError
 from playbus.config.loader import load_config
+from playbus.errors import CliError
 from playbus.scripting.errors import ScriptError
 
 __all__ = ["main"]
-
-
-class CliError(Exception):
-    """A problem the user must fix; printed as one line, exit code 2."""
 
 
 def _read_lines(path: str) -> Iterator[tuple[int, str]]:
@@ -87,8 +85,6 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--events", required=True, help="events, one JSON object per line ('-' for stdin)")
     d.add_argument("--context", help="JSON object: the starting context of every user the events touch")
     d.add_argument("--now", type=int, help="receive time in ms for events without ts (default: now)")
-    from playbus.admin import add_scripts_parser
-
     add_scripts_parser(sub)
     return p
 
@@ -98,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "dry-run":
             return dry_run(args.config, args.events, args.context, args.now, sys.stdout)
-        from playbus.admin import run_scripts_command
-
         return run_scripts_command(args, sys.stdout)
     except CliError as e:
         print(f"playbus: {e}", file=sys.stderr)

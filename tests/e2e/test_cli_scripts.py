@@ -18,6 +18,8 @@ import pytest
 from playbus.actors.engine.engine import action_id
 from tests.e2e.conftest import CAMPAIGN, CHECKIN_V1, ROOT, TOKEN, Playbus, event
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
+
 PLAYBUS = ROOT / ".venv" / "bin" / "playbus"
 
 CHECKIN_V2 = """\

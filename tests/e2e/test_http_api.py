@@ -25,6 +25,8 @@ from playbus.actors.service.router import Router
 from playbus.config.loader import load_config
 from tests.e2e.conftest import CAMPAIGN, FIRST_QUIZ_V1, LOTTERY, T0, TOKEN, Playbus, Reply, event
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
+
 RESULT_KEYS = {"id", "status", "actions", "errors"}
 ACTION_KEYS = {"id", "type", "campaign", "user", "params", "cause", "rule", "script_version"}
 DECISION_KEYS = {"event", "ts", "rule", "script_version", "actions", "changes", "error"}

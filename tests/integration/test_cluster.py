@@ -51,6 +51,8 @@ from tests.integration.cluster_helpers import (
     stream_actions,
 )
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
+
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
