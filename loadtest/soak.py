@@ -58,7 +58,7 @@ from typing import Any
 from urllib.parse import quote
 
 from playbus.actors.engine.clock import CampaignClock
-from playbus.actors.engine.engine import action_id
+from playbus.actors.engine.keys import action_id
 from playbus.actors.store.leases import budget_key
 from playbus.loadtest.harness import LatencyRecorder, TimedClient, percentile
 from playbus.loadtest.launcher import ClusterProcess, StopReport, http_get

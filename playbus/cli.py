@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from playbus.actors.engine.engine import ShardEngine, user_key
+from playbus.actors.engine.engine import ShardEngine
+from playbus.actors.engine.keys import user_key
 from playbus.admin import add_scripts_parser, run_scripts_command
 from playbus.config.errors import ConfigError
 from playbus.config.loader import load_config

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from playbus.actors.engine.budgets import Budgets, LocalBudgets
-from playbus.actors.engine.engine import BatchOutcome, ShardEngine, action_id, user_key
+from playbus.actors.engine.engine import BatchOutcome, ShardEngine
 from playbus.actors.engine.errors import EngineError, StateError
 from playbus.actors.engine.events import Event, check_event
+from playbus.actors.engine.keys import action_id, key_group, user_key
 
 __all__ = [
     "BatchOutcome",
@@ -17,5 +18,6 @@ __all__ = [
     "StateError",
     "action_id",
     "check_event",
+    "key_group",
     "user_key",
 ]

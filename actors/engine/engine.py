@@ -8,7 +8,6 @@ and the users whose state changed. Decisions depend only on (event, context, scr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from hashlib import blake2b
 from typing import Any
 from zlib import crc32
 
@@ -17,25 +16,15 @@ from playbus.actors.engine.caps import CapBook
 from playbus.actors.engine.clock import CampaignClock
 from playbus.actors.engine.decisions import Decision
 from playbus.actors.engine.events import Event, check_event
+from playbus.actors.engine.keys import action_id, user_key
 from playbus.actors.engine.state import _DIGEST, DIGEST_SEED, UserState, decode_snapshot, encode_snapshot
 from playbus.config.schema import CampaignConfig, Config, RuleConfig
 from playbus.scripting.registry import ScriptRegistry
 from playbus.scripting.sandbox import Sandbox
 
-__all__ = ["BatchOutcome", "ShardEngine", "action_id", "user_key"]
+__all__ = ["BatchOutcome", "ShardEngine"]
 
 _new = tuple.__new__
-
-
-def user_key(campaign: str, user: str) -> str:
-    """The key of one user's state; campaign ids cannot contain NUL, so it splits back unambiguously."""
-    return f"{campaign}\x00{user}"
-
-
-def action_id(campaign: str, user: str, event_id: str, rule: str, index: int) -> str:
-    """Deterministic: the same (event, rule, emit index) always yields the same id."""
-    h = blake2b(f"{campaign}\x00{user}\x00{event_id}\x00{rule}\x00{index}".encode(), digest_size=12)
-    return "a-" + h.hexdigest()
 
 
 @dataclass
@@ -155,7 +144,7 @@ class ShardEngine:
                 results[idx] = {"id": eid, "status": "rejected", "actions": [],
                                 "errors": [f"campaign: unknown campaign {campaign!r}"]}
                 continue
-            key = f"{campaign}\x00{user}"
+            key = f"{campaign}\x00{user}"  # = keys.user_key, inlined in the per-event loop
             st = users.get(key)
             if st is None:
                 st = users[key] = UserState()
@@ -179,8 +168,7 @@ class ShardEngine:
             tb = type_b.get(etype)
             if tb is None:
                 tb = type_b[etype] = etype.encode()
-            user_b = user.encode()
-            cols += (id_b, tb, user_b, camp.id_b, ts, day, blob, camp.id_b + b"\x00" + user_b, rs.handle)
+            cols += (id_b, tb, user.encode(), camp.id_b, ts, day, blob, key.encode(), rs.handle)
             add_work((idx, ev, st, day, camp, rs))
         outcome = BatchOutcome(results)
         if work:
@@ -251,7 +239,7 @@ class ShardEngine:
         users, out, seen = self.users, [], set()
         for raw in events:
             if type(raw) is dict and type(raw.get("campaign")) is str and type(raw.get("user")) is str:
-                key = f"{raw['campaign']}\x00{raw['user']}"
+                key = user_key(raw["campaign"], raw["user"])
                 if key not in users and key not in seen:
                     seen.add(key)
                     out.append(key)

@@ -1,14 +1,35 @@
-"""Key groups: a stable hash of (campaign, user) picks one of a fixed number of groups; shards own groups.
+"""Keys: the formats of a user's key, its key group, a group's Redis prefix and an action's id, in one place.
 
-The number of groups is fixed for the life of the data (Flink's model): scaling moves whole groups between
-shards, never single users, and every Redis key of a group carries its hash tag so one group is one slot.
+A stable hash of (campaign, user) picks one of a fixed number of key groups; shards own groups. The number of
+groups is fixed for the life of the data (Flink's model): scaling moves whole groups between shards, never
+single users, and every Redis key of a group carries its hash tag so one group is one Redis Cluster slot.
+Hot loops that inline one of these formats say so with "= keys.<function>".
 """
 
 from __future__ import annotations
 
+from hashlib import blake2b
 from zlib import crc32
 
-__all__ = ["groups_of_shard", "kg_tag", "key_group", "shard_of_group"]
+__all__ = ["action_id", "group_prefix", "groups_of_shard", "kg_tag", "key_group", "shard_of_group", "split_user_key",
+           "user_key"]
+
+
+def user_key(campaign: str, user: str) -> str:
+    """The key of one (campaign, user)'s state; campaign ids cannot contain NUL, so it splits back unambiguously."""
+    return f"{campaign}\x00{user}"
+
+
+def split_user_key(key: str) -> tuple[str, str]:
+    """(campaign, user) of a user key."""
+    campaign, _, user = key.partition("\x00")
+    return campaign, user
+
+
+def action_id(campaign: str, user: str, event_id: str, rule: str, index: int) -> str:
+    """Deterministic: the same (event, rule, emit index) always yields the same id."""
+    h = blake2b(f"{campaign}\x00{user}\x00{event_id}\x00{rule}\x00{index}".encode(), digest_size=12)
+    return "a-" + h.hexdigest()
 
 
 def key_group(user_key: str, n: int) -> int:
@@ -40,3 +61,8 @@ def groups_of_shard(shard: int, shards: int, n: int) -> list[int]:
 def kg_tag(kg: int) -> str:
     """The Redis Cluster hash tag of a group, e.g. "{kg17}": all keys of a group share one slot."""
     return f"{{kg{kg}}}"
+
+
+def group_prefix(kg: int) -> str:
+    """"playbus:{kg17}:" - the prefix of every Redis key of a group."""
+    return f"playbus:{kg_tag(kg)}:"

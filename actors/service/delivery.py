@@ -32,7 +32,7 @@ import aiohttp
 from redis.exceptions import RedisError, ResponseError
 
 from playbus.actors.engine.errors import EngineError
-from playbus.actors.engine.keys import kg_tag
+from playbus.actors.engine.keys import group_prefix
 from playbus.config.schema import TargetConfig
 
 __all__ = ["GROUP", "DeliveryError", "Deliverer", "backoff_delay"]
@@ -178,8 +178,8 @@ class Deliverer:
         self.claim_idle_s = claim_idle_s if claim_idle_s is not None else 30.0
         if self.claim_idle_s <= 0:
             raise DeliveryError(f"claim_idle_s must be positive, got {claim_idle_s}")
-        self._keys = {kg: (f"playbus:{kg_tag(kg)}:") for kg in groups}
-        self._outbox_kg = {f"playbus:{kg_tag(kg)}:outbox": kg for kg in groups}
+        self._keys = {kg: group_prefix(kg) for kg in groups}
+        self._outbox_kg = {group_prefix(kg) + "outbox": kg for kg in groups}
         self._streams = {k: ">" for k in self._outbox_kg}
         self._take_due = redis_client.register_script(_ENTRY_FN + _TAKE_DUE)
         self._claim = redis_client.register_script(_ENTRY_FN + _CLAIM)

@@ -20,7 +20,8 @@ from urllib.parse import parse_qs, unquote
 import msgpack
 import redis
 
-from playbus.actors.engine.engine import ShardEngine, user_key
+from playbus.actors.engine.engine import ShardEngine
+from playbus.actors.engine.keys import user_key
 from playbus.actors.engine.state import decode_snapshot
 from playbus.actors.service.router import Router
 from playbus.actors.store.catalog import ScriptCatalog

@@ -9,7 +9,7 @@ from typing import Any
 import msgpack
 
 from playbus.actors.engine.events import check_event
-from playbus.actors.engine.keys import key_group, shard_of_group
+from playbus.actors.engine.keys import key_group, shard_of_group, user_key
 
 ShardCall = Callable[[int, str, Sequence[Any]], Awaitable[Any]]
 
@@ -25,7 +25,7 @@ class Router:
         self._shard_of = [shard_of_group(kg, shards, key_groups) for kg in range(key_groups)]
 
     def shard_of(self, campaign: str, user: str) -> int:
-        return self._shard_of[key_group(f"{campaign}\x00{user}", self.key_groups)]
+        return self._shard_of[key_group(user_key(campaign, user), self.key_groups)]
 
     def split(self, events: list[Any]) -> dict[int, tuple[list[int], list[Any]]]:
         """{shard: (positions, events)}. Events without string campaign/user go to shard 0, which rejects them."""
@@ -36,7 +36,7 @@ class Router:
             if type(e) is dict:
                 c, u = e.get("campaign"), e.get("user")
                 if type(c) is str and type(u) is str:
-                    s = shard_of[key_group(f"{c}\x00{u}", n)]
+                    s = shard_of[key_group(f"{c}\x00{u}", n)]  # = keys.user_key, inlined per event
             slot = out.get(s)
             if slot is None:
                 out[s] = ([i], [e])

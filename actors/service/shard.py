@@ -16,8 +16,8 @@ from typing import Any
 import redis
 
 from playbus.actors.engine.decisions import Decision
-from playbus.actors.engine.engine import ShardEngine, user_key
-from playbus.actors.engine.keys import groups_of_shard
+from playbus.actors.engine.engine import ShardEngine
+from playbus.actors.engine.keys import groups_of_shard, user_key
 from playbus.actors.store.catalog import ScriptCatalog
 from playbus.actors.store.commit import RedisStore
 from playbus.actors.store.leases import LeasedBudgets

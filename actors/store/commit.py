@@ -26,9 +26,9 @@ from redis.exceptions import NoScriptError
 
 from playbus.actors.engine.decisions import Decision
 from playbus.actors.engine.errors import EngineError
-from playbus.actors.engine.keys import key_group, kg_tag
+from playbus.actors.engine.keys import group_prefix, key_group, user_key
 
-__all__ = ["COMMIT_LUA", "COMMIT_MANY_LUA", "FencedError", "RedisStore", "StoreError", "group_prefix"]
+__all__ = ["COMMIT_LUA", "COMMIT_MANY_LUA", "FencedError", "RedisStore", "StoreError"]
 
 # One unit = one key group's share of a micro-batch, written by `unit(k, a)`:
 # KEYS from k: epoch, batch, users, then journal keys, then stream keys (outbox, failed, target streams).
@@ -125,11 +125,6 @@ class FencedError(StoreError):
     @property
     def group_list(self) -> list[int]:
         return [int(g) for g in self.groups.split(",") if g]
-
-
-def group_prefix(kg: int) -> str:
-    """"playbus:{kg17}:" - the prefix of every key of a group."""
-    return f"playbus:{kg_tag(kg)}:"
 
 
 class _Unit:
@@ -288,7 +283,7 @@ class RedisStore:
             u.snaps += (ukey, blob)
         pack, limit = self._pack, self.journal_limit
         for entry in journal:
-            ukey = f"{entry['campaign']}\x00{entry['user']}"
+            ukey = user_key(entry["campaign"], entry["user"])
             u = unit_of.get(ukey) or unit(ukey)
             lst = u.journal.get(ukey)
             if lst is None:
@@ -296,7 +291,7 @@ class RedisStore:
             lst.append(pack(entry))
         targets = stream_targets or {}
         for a in actions:
-            ukey = f"{a['campaign']}\x00{a['user']}"
+            ukey = user_key(a["campaign"], a["user"])
             u = unit_of.get(ukey) or unit(ukey)
             gameplay = a["type"].split(".", 1)[0]
             stream = targets.get(gameplay)
@@ -311,7 +306,7 @@ class RedisStore:
                 raise ValueError(f"action {a.get('id')!r}: no target for gameplay {gameplay!r}")
         for f in failed:
             ev = f["event"]
-            ukey = f"{ev['campaign']}\x00{ev['user']}"
+            ukey = user_key(ev["campaign"], ev["user"])
             u = unit_of.get(ukey) or unit(ukey)
             u.failed.append(_dumps(f))
         if not units:

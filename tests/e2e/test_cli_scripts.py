@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from playbus.actors.engine.engine import action_id
+from playbus.actors.engine.keys import action_id
 from tests.e2e.conftest import CAMPAIGN, CHECKIN_V1, ROOT, TOKEN, Playbus, event
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]

@@ -19,7 +19,7 @@ import aiohttp
 import msgpack
 import pytest
 
-from playbus.actors.engine.engine import action_id
+from playbus.actors.engine.keys import action_id
 from playbus.actors.service.http_api import IngressCore
 from playbus.actors.service.router import Router
 from playbus.config.loader import load_config

@@ -17,8 +17,8 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from playbus.actors.edge.serve_app import call_with_retry
 from playbus.actors.edge.shard_actor import UserActivityActor
+from playbus.actors.engine.keys import group_prefix
 from playbus.actors.service.http_api import IngressCore
-from playbus.actors.store.commit import group_prefix
 from playbus.config.loader import parse_config
 from playbus.config.schema import Config
 

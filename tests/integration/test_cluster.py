@@ -22,7 +22,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from playbus.actors.edge.serve_app import call_with_retry
-from playbus.actors.engine.engine import action_id
+from playbus.actors.engine.keys import action_id
 from playbus.actors.service.http_api import MAX_EVENTS
 from playbus.actors.service.router import Router
 from playbus.actors.service.shard import ShardCore

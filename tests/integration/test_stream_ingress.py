@@ -10,7 +10,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from playbus.actors.engine.engine import user_key
+from playbus.actors.engine.keys import user_key
 from playbus.actors.engine.state import decode_snapshot
 from playbus.actors.service.router import Router
 from playbus.actors.service.shard import ShardCore

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from playbus.actors.engine.engine import ShardEngine, action_id
+from playbus.actors.engine.engine import ShardEngine
+from playbus.actors.engine.keys import action_id
 from playbus.actors.engine.state import decode_snapshot
 from playbus.scripting.errors import ScriptCompileError
 from tests.helpers import FIRST_QUIZ, T0, ev, make_config, make_engine
