@@ -1,24 +1,23 @@
-"""UserActivityActor: the Ray actor of one shard, a thin asyncio wrapper around ShardCore.
+"""UserActivityActor: the Ray actor of one shard, a thin asyncio wrapper around ShardCore and MicroBatcher.
 
 Concurrent callers (HTTP ingress replicas, the stream reader) are merged into micro-batches of up to
-`batch.max_events`, waiting at most `batch.max_wait_ms`; each batch is one commit, and every caller gets its
-own results only after that commit. Ray restarts a killed actor; its callers retry (dedup makes it safe).
+`batch.max_events`, waiting at most `batch.max_wait_ms` (service/batcher.py); each batch is one commit, and
+every caller gets its own results only after that commit. Ray restarts a killed actor; its callers retry
+(dedup makes it safe).
 """
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgpack
 import ray
 from ray.util import metrics
 
-from playbus.actors.engine.errors import EngineError
+from playbus.actors.service.batcher import MicroBatcher
 from playbus.actors.service.shard import PreparedBatch, ShardCore
 from playbus.config.schema import Config
 
@@ -32,14 +31,8 @@ class _UserActivityActor:
         # The engine allocates many short-lived acyclic dicts; a relaxed cyclic GC saves ~25% CPU.
         gc.set_threshold(50_000, 50, 100)
         self.core = ShardCore(config, shard, redis_url)
-        self.max_events = config.batch.max_events
-        self.max_wait = config.batch.max_wait_ms / 1000
-        self._pending: list[tuple[list[Any], asyncio.Future[list[dict[str, Any]]]]] = []
-        self._pending_n = 0
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")  # one: commits stay ordered
-        self._inflight: tuple[asyncio.Future[None], PreparedBatch, list[Any]] | None = None
+        self.batcher = MicroBatcher(self.core, config.batch.max_events, config.batch.max_wait_ms / 1000,
+                                    on_committed=self._record)
         tags = {"shard": str(shard)}
         self._m_events = metrics.Counter("playbus_events", "events by result status", tag_keys=("shard", "status"))
         self._m_rule_errors = metrics.Counter("playbus_rule_errors", "failed rule runs", tag_keys=("shard",))
@@ -51,8 +44,9 @@ class _UserActivityActor:
         for m in (self._m_events, self._m_rule_errors, self._m_batch, self._m_commit, self._m_queue):
             m.set_default_tags(tags)
 
-    def _record(self, results: list[dict[str, Any]]) -> None:
+    def _record(self, batch: PreparedBatch) -> None:
         """Metrics of one committed batch: a handful of calls per batch, none per event."""
+        results: list[dict[str, Any]] = batch.results
         counts = {"applied": 0, "duplicate": 0, "rejected": 0}
         errors = 0
         for r in results:
@@ -66,91 +60,17 @@ class _UserActivityActor:
             self._m_rule_errors.inc(errors)
         self._m_batch.observe(len(results))
         self._m_commit.observe(self.core.last_commit_ms)
-        self._m_queue.set(self._pending_n)
-
-    def _ensure_loop(self) -> None:
-        if self._task is None:
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._flusher())
+        self._m_queue.set(self.batcher.queued)
 
     async def process(self, payload: bytes) -> bytes:
         """msgpack list of events in, msgpack list of results out (after the durable commit)."""
         events = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-        results = await self.process_events(events)
+        results = await self.batcher.submit(events)
         reply: bytes = msgpack.packb(results)
         return reply
 
     async def process_events(self, events: list[Any]) -> list[dict[str, Any]]:
-        self._ensure_loop()
-        fut: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
-        self._pending.append((events, fut))
-        self._pending_n += len(events)
-        assert self._wake is not None
-        self._wake.set()
-        return await fut
-
-    async def _flusher(self) -> None:
-        """Cut batches and pipeline them: batch N+1 is decided while batch N commits on the commit thread.
-
-        Callers of a batch are answered only after its own commit. If a commit fails, the batch decided on
-        top of it fails too (its decisions saw state that never landed) and both batches' users are
-        forgotten, so the callers' retries reload them from Redis.
-        """
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._pending:
-                if self._inflight is not None:
-                    await self._settle()
-                    continue
-                await self._wake.wait()
-                self._wake.clear()
-                if self._pending_n < self.max_events and self.max_wait > 0:
-                    await asyncio.sleep(self.max_wait)
-                continue
-            take, n = [], 0
-            while self._pending and (n == 0 or n + len(self._pending[0][0]) <= self.max_events):
-                item = self._pending.pop(0)
-                take.append(item)
-                n += len(item[0])
-            self._pending_n -= n
-            try:
-                batch = self.core.prepare([e for evs, _ in take for e in evs])
-            except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
-                self._fail(take, e)
-                continue
-            if self._inflight is not None and not await self._settle():
-                self.core.forget(batch.dirty)
-                self._fail(take, EngineError("the previous batch failed to commit; retry"))
-                continue
-            fut = loop.run_in_executor(self._committer, self.core.commit, batch)
-            self._inflight = (fut, batch, take)
-            await asyncio.sleep(0)  # let new callers in while the commit runs
-
-    async def _settle(self) -> bool:
-        """Wait for the commit in flight and answer its callers; False if it failed."""
-        assert self._inflight is not None
-        fut, batch, take = self._inflight
-        self._inflight = None
-        try:
-            await fut
-        except Exception as e:  # noqa: BLE001 - the callers retry; dedup makes that safe
-            self.core.forget(batch.dirty)
-            self._fail(take, e)
-            return False
-        self._record(batch.results)
-        i = 0
-        for evs, f in take:
-            if not f.done():
-                f.set_result(batch.results[i:i + len(evs)])
-            i += len(evs)
-        return True
-
-    def _fail(self, take: list[tuple[list[Any], asyncio.Future[list[dict[str, Any]]]]], e: Exception) -> None:
-        log.warning("shard %d: batch of %d events failed: %s", self.core.shard, sum(len(x) for x, _ in take), e)
-        for _, f in take:
-            if not f.done():
-                f.set_exception(e)
+        return await self.batcher.submit(events)
 
     async def put_script(self, name: str, source: str, version: int) -> int:
         self.core.put_script(name, source, version)
@@ -165,7 +85,7 @@ class _UserActivityActor:
 
     async def health(self) -> dict[str, Any]:
         h = self.core.health()
-        h["queued"] = self._pending_n
+        h["queued"] = self.batcher.queued
         return h
 
     async def commit_latencies(self) -> list[float]:
@@ -179,8 +99,7 @@ class _UserActivityActor:
         self.core.commit_ms.clear()
 
     async def close(self) -> None:
-        while self._pending or self._inflight is not None:  # let queued batches commit first
-            await asyncio.sleep(0.01)
+        await self.batcher.drain()  # let queued batches commit first
         self.core.close()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from playbus.actors.engine.budgets import Budgets, LocalBudgets
 from playbus.actors.engine.engine import BatchOutcome, ShardEngine
-from playbus.actors.engine.errors import EngineError, StateError
+from playbus.actors.engine.errors import EngineError, PlaybusError, StateError
 from playbus.actors.engine.events import Event, check_event
 from playbus.actors.engine.keys import action_id, key_group, user_key
 
@@ -14,6 +14,7 @@ __all__ = [
     "EngineError",
     "Event",
     "LocalBudgets",
+    "PlaybusError",
     "ShardEngine",
     "StateError",
     "action_id",

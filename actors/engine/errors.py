@@ -1,12 +1,12 @@
-"""Errors of the actors package: one root, plain-string fields so they pickle across Ray."""
+"""Errors of the engine, and the base every layer's error root shares: a plain message, so it pickles across Ray."""
 
 from __future__ import annotations
 
-__all__ = ["EngineError", "StateError"]
+__all__ = ["EngineError", "PlaybusError", "StateError"]
 
 
-class EngineError(Exception):
-    """Root of the errors raised by the shard engine and the actors around it."""
+class PlaybusError(Exception):
+    """Base of the error roots of the actors' layers (EngineError, StoreError, ServiceError)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -17,6 +17,10 @@ class EngineError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class EngineError(PlaybusError):
+    """Root of the errors raised by the decision engine."""
 
 
 class StateError(EngineError):

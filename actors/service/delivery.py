@@ -1,18 +1,11 @@
 """Deliverer: actions from the key groups' outboxes to their targets, at least once, the same id every attempt.
 
-Keys (a key group's hash tag keeps its keys in one Redis Cluster slot):
-    playbus:{kg17}:outbox    stream  field "action" = action JSON (the shards' commits add it); consumer group
-                                     "delivery"; an entry stays pending until it is settled
-    playbus:{kg17}:attempts  hash    action id -> failed attempts so far
-    playbus:{kg17}:retry     zset    outbox entry id -> when (ms since epoch) to try it again
-    playbus:dead             stream  fields action, error, attempts, kg, entry: the actions given up
-Settling writes the target stream / dead-letter entry first and XACK+XDEL last, so a crash at any point leaves
-the entry pending: redelivered later (XAUTOCLAIM after `claim_idle_s`), never acked without being delivered.
-A due retry is leased (re-scored `claim_idle_s` ahead) while it is tried, so a deliverer dying mid-retry only
-delays it. A live deliverer renews both leases of what it holds (XCLAIM JUSTID resets the pending entry's
-idle time, ZADD XX pushes the retry score) every `claim_idle_s / 3`, so however long its queue or its
-targets' timeouts, nobody takes its entries while it lives. Webhooks get the outbox bytes unchanged as body,
-with `Idempotency-Key: <action id>`.
+The outbox itself (streams, retry schedules, attempt counts, dead letters) is the store's (store/outbox.py);
+this is the loop around it: read what is due, attempt each delivery (webhooks over aiohttp, stream targets by
+XADD), settle the outcomes. A live deliverer renews the leases of what it holds every `claim_idle_s / 3`, so
+however long its queue or its targets' timeouts, nobody takes its entries while it lives; a dead one's
+entries are claimed by another after `claim_idle_s`. Webhooks get the outbox bytes unchanged as body, with
+`Idempotency-Key: <action id>`.
 """
 
 from __future__ import annotations
@@ -29,68 +22,18 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
-from playbus.actors.engine.errors import EngineError
-from playbus.actors.engine.keys import group_prefix
+from playbus.actors.service.errors import ServiceError
+from playbus.actors.store.outbox import GROUP, Outbox, Settlement
 from playbus.config.schema import TargetConfig
 
 __all__ = ["GROUP", "DeliveryError", "Deliverer", "backoff_delay"]
 
-GROUP = "delivery"
 _log = logging.getLogger(__name__)
 
-# KEYS: retry zset, outbox, attempts. ARGV: now ms, lease-until ms, limit.
-# Due entries are re-scored to the lease end (not removed): a deliverer dying mid-try only delays them.
-# Returns {entry id, action or "", failed attempts}; entries gone from the outbox are dropped from the zset.
-_TAKE_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-local out = {}
-for _, id in ipairs(due) do
-  local e = redis.call('XRANGE', KEYS[2], id, id)
-  if #e == 0 then
-    redis.call('ZREM', KEYS[1], id)
-  else
-    redis.call('ZADD', KEYS[1], ARGV[2], id)
-    out[#out + 1] = _entry(e[1], KEYS[3])
-  end
-end
-return out
-"""
-# KEYS: outbox, retry zset, attempts. ARGV: group, consumer, "own"|"idle", min idle ms, count.
-# "own": this consumer's pending entries (a restart under the same name); "idle": XAUTOCLAIM from anyone.
-# Entries waiting in the retry zset are skipped: their retry is due later, through _TAKE_DUE.
-_CLAIM = """
-local found
-if ARGV[3] == 'own' then
-  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[5], 'STREAMS', KEYS[1], '0')
-  found = (r and r[1] and r[1][2]) or {}
-else
-  found = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[4], '0-0', 'COUNT', ARGV[5])[2]
-end
-local out = {}
-for _, e in ipairs(found) do
-  if type(e[2]) == 'table' and not redis.call('ZSCORE', KEYS[2], e[1]) then
-    out[#out + 1] = _entry(e, KEYS[3])
-  end
-end
-return out
-"""
-_ENTRY_FN = """
-local function _entry(e, attempts_key)
-  local f, action = e[2], ''
-  for i = 1, #f, 2 do if f[i] == 'action' then action = f[i + 1] end end
-  local ok, obj = pcall(cjson.decode, action)
-  local n = 0
-  if ok and type(obj) == 'table' and type(obj.id) == 'string' then
-    n = tonumber(redis.call('HGET', attempts_key, obj.id)) or 0
-  end
-  return {e[1], action, n}
-end
-"""
 
-
-class DeliveryError(EngineError):
+class DeliveryError(ServiceError):
     """The deliverer was given settings it cannot work with."""
 
 
@@ -104,10 +47,6 @@ def backoff_delay(action_id: str, failures: int, base_s: float, max_s: float) ->
     ceiling = min(max_s, base_s * 2.0 ** min(failures - 1, 62))
     h = hashlib.blake2b(f"{action_id}:{failures}".encode(), digest_size=8).digest()
     return ceiling * (0.5 + 0.5 * int.from_bytes(h, "big") / 2.0**64)
-
-
-def _text(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 @dataclass(slots=True)
@@ -178,11 +117,7 @@ class Deliverer:
         self.claim_idle_s = claim_idle_s if claim_idle_s is not None else 30.0
         if self.claim_idle_s <= 0:
             raise DeliveryError(f"claim_idle_s must be positive, got {claim_idle_s}")
-        self._keys = {kg: group_prefix(kg) for kg in groups}
-        self._outbox_kg = {group_prefix(kg) + "outbox": kg for kg in groups}
-        self._streams = {k: ">" for k in self._outbox_kg}
-        self._take_due = redis_client.register_script(_ENTRY_FN + _TAKE_DUE)
-        self._claim = redis_client.register_script(_ENTRY_FN + _CLAIM)
+        self.outbox = Outbox(redis_client, groups, consumer, dead_stream)
         self._stats = {"delivered": 0, "retried": 0, "dead": 0, "claimed": 0}
         self._stop = threading.Event()
         self._recovered = False  # this consumer's own pending entries are read once, on the first poll
@@ -191,7 +126,7 @@ class Deliverer:
         self._next_retry_scan = 0.0  # monotonic times
         self._next_claim_scan = time.monotonic() + self.claim_idle_s / 2
         self._sems: dict[str, asyncio.Semaphore] = {}
-        self._ensure_groups()
+        self.outbox.ensure_groups()
 
     # -- public ------------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -269,26 +204,9 @@ class Deliverer:
         return ms if ms >= 1 else None  # None: do not block (BLOCK 0 would block forever)
 
     # -- Redis side (worker thread) ----------------------------------------------------------------
-    def _ensure_groups(self) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for key in self._outbox_kg:
-            pipe.xgroup_create(key, GROUP, id="0", mkstream=True)
-        for r in pipe.execute(raise_on_error=False):
-            if isinstance(r, Exception) and "BUSYGROUP" not in str(r):
-                raise r
-
     def _renew(self) -> None:
-        """Renew the leases of every held entry: pending idle time back to 0, retry score pushed ahead."""
-        by_kg: dict[int, list[str]] = {}
-        for kg, entry in self._held:
-            by_kg.setdefault(kg, []).append(entry)
-        lease = int(time.time() * 1000) + int(self.claim_idle_s * 1000)
-        pipe = self.redis.pipeline(transaction=False)
-        for kg, ids in by_kg.items():
-            p = self._keys[kg]
-            pipe.xclaim(p + "outbox", GROUP, self.consumer, 0, ids, justid=True)
-            pipe.zadd(p + "retry", dict.fromkeys(ids, lease), xx=True)
-        pipe.execute()
+        """Renew the leases of every held entry (see Outbox.renew)."""
+        self.outbox.renew(self._held, int(time.time() * 1000) + int(self.claim_idle_s * 1000))
         self._next_renew = time.monotonic() + self.claim_idle_s / 3
 
     def _poll(self, block_ms: int | None, retries: bool, claims: bool) -> list[_Job]:
@@ -298,51 +216,24 @@ class Deliverer:
         if retries or claims or own:
             now = time.monotonic()
             wall_ms = int(time.time() * 1000)
-            pipe = self.redis.pipeline(transaction=False)
-            calls: list[tuple[int, bool]] = []
-            for kg in self.groups:
-                p = self._keys[kg]
-                if retries:
-                    lease = wall_ms + int(self.claim_idle_s * 1000)
-                    self._take_due(keys=[p + "retry", p + "outbox", p + "attempts"],
-                                   args=[wall_ms, lease, self.batch], client=pipe)
-                    calls.append((kg, False))
-                if claims or own:
-                    mode = "own" if own else "idle"
-                    self._claim(keys=[p + "outbox", p + "retry", p + "attempts"],
-                                args=[GROUP, self.consumer, mode, int(self.claim_idle_s * 1000), self.batch],
-                                client=pipe)
-                    calls.append((kg, True))
-            for (kg, claimed), found in zip(calls, pipe.execute(), strict=True):
-                fresh = [(e, raw, n) for e, raw, n in found if (kg, _text(e)) not in self._held]
-                jobs.extend(self._job(kg, e, raw, int(n)) for e, raw, n in fresh)
-                if claimed:
-                    self._stats["claimed"] += len(fresh)
+            found = self.outbox.scan(
+                due_ms=wall_ms if retries else None, lease_until_ms=wall_ms + int(self.claim_idle_s * 1000),
+                claim=("own" if own else "idle") if claims or own else None,
+                claim_idle_ms=int(self.claim_idle_s * 1000), count=self.batch)
+            fresh = [f for f in found if (f.kg, f.entry) not in self._held]
+            jobs.extend(self._job(f.kg, f.entry, f.raw, f.attempts) for f in fresh)
+            self._stats["claimed"] += sum(1 for f in fresh if f.claimed)
             self._recovered = True
             if retries:
                 self._next_retry_scan = now + self.poll_s
             if claims:
                 self._next_claim_scan = now + self.claim_idle_s / 2
-        try:
-            got = self.redis.xreadgroup(GROUP, self.consumer, self._streams, count=self.batch,
-                                        block=None if jobs else block_ms)
-        except ResponseError as e:
-            if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
-                raise
-            self._ensure_groups()  # an outbox (or its group) was deleted: recreate, read next time
-            got = None
-        resp3 = isinstance(got, dict)  # RESP3: {key: [[entries]]}; RESP2: [[key, [entries]], ...]
-        for key, entries in (got.items() if resp3 else got or ()):
-            kg = self._outbox_kg[_text(key)]
-            for entry, fields in (entries[0] if resp3 and entries else entries):
-                raw = (fields or {}).get(b"action") or (fields or {}).get("action") or b""
-                jobs.append(self._job(kg, entry, raw, 0))
+        new = self.outbox.read_new(self.batch, None if jobs else block_ms)
+        jobs.extend(self._job(f.kg, f.entry, f.raw, 0) for f in new)
         self._held.update((j.kg, j.entry) for j in jobs)
         return jobs
 
-    def _job(self, kg: int, entry: bytes | str, raw: bytes | str, attempts: int) -> _Job:
-        body = raw.encode() if isinstance(raw, str) else raw
-        entry_id = _text(entry)
+    def _job(self, kg: int, entry_id: str, body: bytes, attempts: int) -> _Job:
         try:
             action = json.loads(body)
             aid, gameplay = action["id"], action["type"].split(".", 1)[0]
@@ -358,50 +249,35 @@ class Deliverer:
         return _Job(kg, entry_id, body, aid, target, gameplay, attempts)
 
     def _settle(self, outcomes: Iterable[_Outcome]) -> None:
-        """Record what the attempts gave, in one pipeline: target/dead XADDs first, acks last. Held no
-        more either way: if Redis fails here, the entries' leases lapse and they are claimed again."""
+        """Record what the attempts gave (Outbox.settle, one pipeline). Held no more either way: if Redis fails
+        here, the entries' leases lapse and they are claimed again."""
         outcomes = list(outcomes)
         for o in outcomes:
             self._held.discard((o.job.kg, o.job.entry))
-        pipe = self.redis.pipeline(transaction=False)
+        s = Settlement()
         wall_ms = int(time.time() * 1000)
         now = time.monotonic()
-        done: dict[int, list[_Job]] = {}
-        later: list[tuple[_Job, int, float]] = []
         counts = {"delivered": 0, "retried": 0, "dead": 0}
         for o in outcomes:
             j = o.job
             if o.status in ("ok", "stream"):
                 if o.status == "stream" and j.target is not None and j.target.stream:
-                    pipe.xadd(j.target.stream, {"action": j.raw})
+                    s.to_streams.append((j.target.stream, j.raw))
                 counts["delivered"] += 1
-                done.setdefault(j.kg, []).append(j)
+                s.delivered.append((j.kg, j.entry, j.aid))
                 continue
             failures = j.attempts + 1
             limit = j.target.max_attempts if j.target is not None else 1
             if o.status == "permanent" or failures >= limit:
-                pipe.xadd(self.dead_stream, {"action": j.raw, "error": o.error, "attempts": failures,
-                                             "kg": j.kg, "entry": j.entry, "consumer": self.consumer})
+                s.dead.append((j.kg, j.entry, j.aid, j.raw, o.error, failures))
                 counts["dead"] += 1
-                done.setdefault(j.kg, []).append(j)
             else:
-                delay = backoff_delay(j.aid, failures, self.base_backoff_s, self.max_backoff_s)
-                later.append((j, failures, max(delay, min(o.retry_after, self.max_backoff_s))))
+                delay = max(backoff_delay(j.aid, failures, self.base_backoff_s, self.max_backoff_s),
+                            min(o.retry_after, self.max_backoff_s))
+                s.later.append((j.kg, j.entry, j.aid, failures, wall_ms + int(delay * 1000)))
+                self._next_retry_scan = min(self._next_retry_scan, now + delay)
                 counts["retried"] += 1
-        for j, failures, delay in later:
-            p = self._keys[j.kg]
-            pipe.hset(p + "attempts", j.aid, failures)
-            pipe.zadd(p + "retry", {j.entry: wall_ms + int(delay * 1000)})
-            self._next_retry_scan = min(self._next_retry_scan, now + delay)
-        for kg, jobs in done.items():
-            p = self._keys[kg]
-            ids = [j.entry for j in jobs]
-            pipe.zrem(p + "retry", *ids)
-            pipe.hdel(p + "attempts", *{j.aid for j in jobs})
-            pipe.xack(p + "outbox", GROUP, *ids)
-            pipe.xdel(p + "outbox", *ids)
-        if len(pipe):
-            pipe.execute()
+        self.outbox.settle(s)
         for k, v in counts.items():
             self._stats[k] += v
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from playbus.actors.store.catalog import ScriptCatalog
-from playbus.actors.store.commit import FencedError, RedisStore, StoreError
+from playbus.actors.store.commit import RedisStore
+from playbus.actors.store.errors import FencedError, RedisServerError, StoreError
 from playbus.actors.store.leases import LeasedBudgets
-from playbus.actors.store.server import RedisServer, RedisServerError
+from playbus.actors.store.server import RedisServer
 
 __all__ = ["FencedError", "LeasedBudgets", "RedisServer", "RedisServerError", "RedisStore", "ScriptCatalog",
            "StoreError"]

@@ -25,71 +25,11 @@ from hiredis import pack_command
 from redis.exceptions import NoScriptError
 
 from playbus.actors.engine.decisions import Decision
-from playbus.actors.engine.errors import EngineError
 from playbus.actors.engine.keys import group_prefix, key_group, user_key
+from playbus.actors.store.errors import FencedError, StoreError
+from playbus.actors.store.scripts import lua
 
-__all__ = ["COMMIT_LUA", "COMMIT_MANY_LUA", "FencedError", "RedisStore", "StoreError"]
-
-# One unit = one key group's share of a micro-batch, written by `unit(k, a)`:
-# KEYS from k: epoch, batch, users, then journal keys, then stream keys (outbox, failed, target streams).
-# ARGV from a: epoch, batch token, journal limit, #snapshots, #journal keys, #streams,
-#       user_key/snapshot pairs, per journal key (count, entries oldest first),
-#       per stream (KEYS index within the unit, 1-based; field; count; values).
-# A unit returns {"OK"}, {"DUP"} (this batch token was committed already: nothing written) or
-# {"FENCED", current epoch} (the caller is not the owner: nothing written).
-_UNIT_LUA = """
-local function unit(k0, a0)
-  local cur = redis.call('GET', KEYS[k0])
-  if cur ~= ARGV[a0] then return {'FENCED', cur or ''} end
-  if redis.call('GET', KEYS[k0 + 1]) == ARGV[a0 + 1] then return {'DUP'} end
-  redis.call('SET', KEYS[k0 + 1], ARGV[a0 + 1])
-  local limit = tonumber(ARGV[a0 + 2])
-  local nsnap, njour, nstream = tonumber(ARGV[a0 + 3]), tonumber(ARGV[a0 + 4]), tonumber(ARGV[a0 + 5])
-  local CHUNK = 1000  -- even, and well under Lua's unpack limit
-  local a = a0 + 6
-  local last = a + 2 * nsnap - 1
-  while a <= last do
-    local j = math.min(a + CHUNK - 1, last)
-    redis.call('HSET', KEYS[k0 + 2], unpack(ARGV, a, j))
-    a = j + 1
-  end
-  for k = k0 + 3, k0 + 2 + njour do
-    local n = tonumber(ARGV[a])
-    a = a + 1
-    last = a + n - 1
-    local len = 0
-    while a <= last do
-      local j = math.min(a + CHUNK - 1, last)
-      len = redis.call('LPUSH', KEYS[k], unpack(ARGV, a, j))
-      a = j + 1
-    end
-    if len > limit then redis.call('LTRIM', KEYS[k], 0, limit - 1) end
-  end
-  for _ = 1, nstream do
-    local key, field, n = KEYS[k0 - 1 + tonumber(ARGV[a])], ARGV[a + 1], tonumber(ARGV[a + 2])
-    a = a + 3
-    for i = a, a + n - 1 do
-      redis.call('XADD', key, '*', field, ARGV[i])
-    end
-    a = a + n
-  end
-  return {'OK'}
-end
-"""
-# One key group per call: every key in one slot, valid on Redis Cluster.
-COMMIT_LUA = _UNIT_LUA + "return unit(1, 1)\n"
-# Every group of a batch in one call (single Redis): ARGV[1] = #units, then per unit #keys, #args, its args.
-# Each unit is still fenced and deduplicated on its own; one call saves the per-call cost of ~100 groups.
-COMMIT_MANY_LUA = _UNIT_LUA + """
-local out, k, a = {}, 1, 2
-for u = 1, tonumber(ARGV[1]) do
-  local nk, na = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  out[u] = unit(k, a + 2)
-  k, a = k + nk, a + 2 + na
-end
-return out
-"""
-
+__all__ = ["FencedError", "RedisStore", "StoreError"]
 
 def _not_json(o: object) -> object:
     raise TypeError(f"{type(o).__name__} is not JSON serializable")
@@ -106,25 +46,6 @@ def _json_encoder() -> Callable[[Any], str]:
 
 
 _dumps = _json_encoder()
-
-
-class StoreError(EngineError):
-    """A commit or a read failed inside Redis (not a fencing refusal)."""
-
-
-class FencedError(StoreError):
-    """Another owner claimed these key groups since our claim; nothing of ours was written to them."""
-
-    def __init__(self, message: str, groups: str = "") -> None:
-        super().__init__(message)
-        self.groups = groups  # comma-separated key groups, a plain string so it pickles
-
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # type: ignore[override]
-        return (type(self), (self.message, self.groups))
-
-    @property
-    def group_list(self) -> list[int]:
-        return [int(g) for g in self.groups.split(",") if g]
 
 
 class _Unit:
@@ -157,8 +78,7 @@ class RedisStore:
         self.journal_limit = journal_limit
         self.round_trips = 0  # network exchanges made by this store, for tests and metrics
         self.per_group_calls = per_group_calls
-        self._script = client.register_script(COMMIT_LUA)
-        self._many = client.register_script(COMMIT_MANY_LUA)
+        self._script = client.register_script(lua("commit"))
         self._loaded = False
         self._pack = msgpack.Packer(use_bin_type=True).pack
         self._token_prefix = os.urandom(6).hex()
@@ -384,7 +304,7 @@ class RedisStore:
             for attempt in range(3):
                 self.round_trips += 1
                 try:
-                    out: Any = self._evalsha_raw(self._many.sha, keys, args)
+                    out: Any = self._evalsha_raw(self._script.sha, keys, args)
                     return list(out)
                 except NoScriptError:
                     if attempt:
@@ -401,14 +321,14 @@ class RedisStore:
             pipe = self.client.pipeline(transaction=False)
             for i in todo:
                 keys, args = calls[i]
-                pipe.evalsha(sha, len(keys), *keys, *args)
+                pipe.evalsha(sha, len(keys), *keys, 1, len(keys), len(args), *args)
             self.round_trips += 1
             out = pipe.execute(raise_on_error=False)
             retry = []
             for i, r in zip(todo, out, strict=True):
                 if isinstance(r, NoScriptError):
                     retry.append(i)
-                results[i] = r
+                results[i] = r if isinstance(r, Exception) else r[0]  # one unit per call
             if not retry or attempt:
                 break
             self._load_scripts()
@@ -432,8 +352,7 @@ class RedisStore:
 
     def _load_scripts(self) -> None:
         pipe = self.client.pipeline(transaction=False)
-        pipe.script_load(COMMIT_LUA)
-        pipe.script_load(COMMIT_MANY_LUA)
+        pipe.script_load(lua("commit"))
         pipe.execute()
         self.round_trips += 1
         self._loaded = True

@@ -18,23 +18,10 @@ from typing import Any
 
 import redis
 
+from playbus.actors.store.scripts import lua
 from playbus.config.schema import Config
 
-__all__ = ["LEASE_LUA", "LeasedBudgets", "budget_key"]
-
-# KEYS[1] counter; ARGV: block (wanted), need (the least that is of use), spread.
-# Takes the block when the counter can give it and spread blocks more, else a 1/spread share of what is
-# left if that covers `need`, else exactly `need` if left, else nothing. Returns {taken, left after}.
-LEASE_LUA = """
-local left = tonumber(redis.call('GET', KEYS[1]) or '0')
-local block, need, spread = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local take = math.min(block, math.floor(left / spread))
-if take < need then take = need end
-if take > left then return {0, left} end
-redis.call('DECRBY', KEYS[1], take)
-return {take, left - take}
-"""
-
+__all__ = ["LeasedBudgets", "budget_key"]
 
 def budget_key(campaign: str, name: str) -> str:
     """The Redis counter of one budget; the hash tag keeps it in one slot on Redis Cluster."""
@@ -60,7 +47,7 @@ class LeasedBudgets:
         self.blocks: dict[tuple[str, str], int] = {}
         self.keys: dict[tuple[str, str], str] = {}
         self.round_trips = 0
-        self._lease = client.register_script(LEASE_LUA)
+        self._lease = client.register_script(lua("lease"))
         pipe = client.pipeline(transaction=False)
         for c in config.campaigns:
             for b in c.budgets:

@@ -14,16 +14,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from playbus.actors.engine.errors import EngineError
+from playbus.actors.store.errors import RedisServerError
 
 __all__ = ["RedisServer", "RedisServerError", "find_redis_server"]
 
 _LOG = "redis.log"
 _OUT = "redis.out"  # stdout/stderr: where Redis writes errors found before it opens its log
 
-
-class RedisServerError(EngineError):
-    """The redis-server binary is missing, or the server did not come up (the message has its log tail)."""
 
 
 def find_redis_server() -> str:

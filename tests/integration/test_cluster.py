@@ -26,7 +26,8 @@ from playbus.actors.engine.keys import action_id
 from playbus.actors.service.http_api import MAX_EVENTS
 from playbus.actors.service.router import Router
 from playbus.actors.service.shard import ShardCore
-from playbus.actors.store.commit import FencedError, RedisStore
+from playbus.actors.store.commit import RedisStore
+from playbus.actors.store.errors import FencedError
 from playbus.actors.store.leases import budget_key
 from playbus.actors.store.server import RedisServer
 from playbus.config.schema import Config

@@ -12,7 +12,8 @@ import pytest
 
 from playbus.actors.engine.engine import ShardEngine
 from playbus.actors.engine.keys import key_group
-from playbus.actors.store.commit import FencedError, RedisStore
+from playbus.actors.store.commit import RedisStore
+from playbus.actors.store.errors import FencedError
 from playbus.actors.store.server import RedisServer
 from playbus.config import Config, parse_config
 

@@ -1,0 +1,203 @@
+"""MicroBatcher: merges concurrent callers into micro-batches and pipelines decide and commit (plain asyncio).
+
+Callers `submit` lists of events; the batcher cuts batches of up to `max_events`, waiting at most `max_wait_s`
+for more, decides batch N+1 (`core.prepare`, on the event loop's thread) while batch N commits (`core.commit`,
+on one commit thread, so commits stay ordered), and answers each caller only after its own batch committed.
+If a commit fails, the batch decided on top of it fails too (its decisions saw state that never landed) and
+both batches' users are forgotten (`core.forget`), so the callers' retries reload them from the store.
+
+The loop is supervised: if it dies (a bug), every waiting caller gets the error and the next `submit` starts
+a new loop; no caller ever waits on a loop that is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Generic, Protocol, TypeVar
+
+from playbus.actors.service.errors import ServiceError
+
+__all__ = ["BatchCore", "BatcherError", "MicroBatcher", "Prepared"]
+
+log = logging.getLogger("playbus.batcher")
+
+
+class BatcherError(ServiceError):
+    """A batch could not be decided or committed; its events may be retried with the same ids."""
+
+
+class Prepared(Protocol):
+    """A decided batch: its results in input order and the users it changed."""
+
+    results: list[dict[str, Any]]
+    dirty: set[str]
+
+
+B = TypeVar("B", bound=Prepared)
+
+
+class BatchCore(Protocol[B]):
+    """What the batcher drives: decide (touches engine state), commit (touches none), forget users."""
+
+    def prepare(self, events: list[Any]) -> B: ...
+
+    def commit(self, batch: B) -> None: ...
+
+    def forget(self, keys: set[str]) -> None: ...
+
+
+_Waiter = tuple[list[Any], "asyncio.Future[list[dict[str, Any]]]"]
+
+
+class MicroBatcher(Generic[B]):
+    """Micro-batches for one core; use from one event loop."""
+
+    def __init__(self, core: BatchCore[B], max_events: int, max_wait_s: float,
+                 on_committed: Callable[[B], None] | None = None) -> None:
+        self.core = core
+        self.max_events = max_events
+        self.max_wait_s = max_wait_s
+        self.on_committed = on_committed
+        self._pending: list[_Waiter] = []
+        self.queued = 0  # events waiting for a batch
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")  # one: ordered commits
+        self._inflight: asyncio.Future[None] | None = None  # the commit of self._decided[0], if running
+        self._decided: list[tuple[B, list[_Waiter]]] = []  # decided, not yet answered (oldest first)
+        self.loop_deaths = 0  # times the loop died of an error (and was restarted by the next submit)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no commit in flight."""
+        return not self._pending and not self._decided
+
+    async def submit(self, events: list[Any]) -> list[dict[str, Any]]:
+        """Queue events for the next batch; their results once that batch has committed."""
+        self._ensure_loop()
+        fut: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        self._pending.append((events, fut))
+        self.queued += len(events)
+        assert self._wake is not None
+        self._wake.set()
+        return await fut
+
+    async def drain(self) -> None:
+        """Wait until everything queued so far has been answered."""
+        while not self.idle:
+            await asyncio.sleep(0.01)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._flusher())
+            self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """Supervision: a loop that ends (it never should) fails every waiter, forgets every user of a batch
+        it decided and did not answer (once the commit in flight has settled), and the next submit restarts
+        it."""
+        if task.cancelled():
+            err: BaseException = BatcherError("the batching loop was cancelled; retry")
+        else:
+            exc = task.exception()
+            err = BatcherError(f"the batching loop died ({type(exc).__name__}: {exc}); retry")
+            log.error("batching loop died; failing its waiting callers", exc_info=exc)
+            self.loop_deaths += 1
+        self._task = None
+        decided, self._decided = self._decided, []
+        for _, take in decided:
+            self._fail(take, err)
+        pending, self._pending, self.queued = self._pending, [], 0
+        self._fail(pending, err)
+        keys: set[str] = set()
+        for batch, _ in decided:
+            keys |= batch.dirty
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            self.core.forget(keys)
+        else:
+            inflight.add_done_callback(lambda _f: self.core.forget(keys))
+
+    async def _flusher(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                # Idle: wait for callers, or for the commit in flight to settle, whichever comes first; new
+                # callers are decided while that commit runs (then it settles before theirs starts).
+                woken = asyncio.ensure_future(self._wake.wait())
+                waits: set[asyncio.Future[Any]] = {woken}
+                if self._inflight is not None:
+                    waits.add(self._inflight)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if not woken.done():
+                    woken.cancel()
+                    await self._settle()
+                    continue
+                self._wake.clear()
+                if self.queued < self.max_events and self.max_wait_s > 0:
+                    await asyncio.sleep(self.max_wait_s)
+                continue
+            take, n = [], 0
+            while self._pending and (n == 0 or n + len(self._pending[0][0]) <= self.max_events):
+                item = self._pending.pop(0)
+                take.append(item)
+                n += len(item[0])
+            self.queued -= n
+            try:
+                batch = self.core.prepare([e for evs, _ in take for e in evs])
+            except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
+                self._fail(take, e)
+                continue
+            self._decided.append((batch, take))
+            if self._inflight is not None and not await self._settle():
+                self._decided.remove((batch, take))
+                self.core.forget(batch.dirty)
+                self._fail(take, BatcherError("the previous batch failed to commit; retry"))
+                continue
+            self._inflight = loop.run_in_executor(self._committer, self.core.commit, batch)
+            await asyncio.sleep(0)  # let new callers in while the commit runs
+
+    async def _settle(self) -> bool:
+        """Wait for the commit in flight (of the oldest decided batch) and answer its callers; False if it
+        failed."""
+        assert self._inflight is not None
+        batch, take = self._decided[0]
+        try:
+            await self._inflight
+        except Exception as e:  # noqa: BLE001 - the callers retry; dedup makes that safe
+            self._inflight = None
+            del self._decided[0]
+            self.core.forget(batch.dirty)
+            self._fail(take, e)
+            return False
+        self._inflight = None
+        del self._decided[0]
+        if self.on_committed is not None:
+            try:
+                self.on_committed(batch)
+            except Exception:  # noqa: BLE001 - metrics must never fail a committed batch
+                log.exception("on_committed failed")
+        i = 0
+        for evs, f in take:
+            if not f.done():
+                f.set_result(batch.results[i:i + len(evs)])
+            i += len(evs)
+        return True
+
+    @staticmethod
+    def _fail(take: list[_Waiter], e: BaseException) -> None:
+        if take:
+            log.warning("batch of %d events failed: %s", sum(len(x) for x, _ in take), e)
+        for _, f in take:
+            if not f.done():
+                f.set_exception(e)
+
+    def close(self) -> None:
+        """Stop the commit thread (after `drain`)."""
+        self._committer.shutdown(wait=True)

@@ -1,0 +1,11 @@
+-- Shared by outbox_due.lua and outbox_claim.lua: one outbox entry as {entry id, action JSON or "", failed attempts}.
+local function _entry(e, attempts_key)
+  local f, action = e[2], ''
+  for i = 1, #f, 2 do if f[i] == 'action' then action = f[i + 1] end end
+  local ok, obj = pcall(cjson.decode, action)
+  local n = 0
+  if ok and type(obj) == 'table' and type(obj.id) == 'string' then
+    n = tonumber(redis.call('HGET', attempts_key, obj.id)) or 0
+  end
+  return {e[1], action, n}
+end

@@ -1,0 +1,180 @@
+"""MicroBatcher's state machine with a plain fake core (no Ray, no Redis): batching, pipelining, and its failure
+branches (a failed prepare, a failed commit with a batch decided on top of it, the loop task dying)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from playbus.actors.service.batcher import BatcherError, MicroBatcher
+
+
+@dataclass
+class Batch:
+    results: list[dict[str, Any]]
+    dirty: set[str]
+    events: list[Any] = field(default_factory=list)
+
+
+class FakeCore:
+    """Decides by echoing; commits into `committed`; records what it was asked to forget.
+
+    `fail_prepare`/`fail_commit` hold event ids whose batch raises; `gate` (a threading.Event) holds commits
+    until set, so a test can decide a second batch while the first commits."""
+
+    def __init__(self) -> None:
+        self.prepared: list[list[Any]] = []
+        self.committed: list[list[Any]] = []
+        self.forgotten: list[set[str]] = []
+        self.fail_prepare: set[str] = set()
+        self.fail_commit: set[str] = set()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.commit_started = threading.Event()
+
+    def prepare(self, events: list[Any]) -> Batch:
+        self.prepared.append(list(events))
+        if any(e["id"] in self.fail_prepare for e in events):
+            raise RuntimeError("decide failed")
+        return Batch([{"id": e["id"], "status": "applied"} for e in events], {e["user"] for e in events}, events)
+
+    def commit(self, batch: Batch) -> None:
+        self.commit_started.set()
+        self.gate.wait(5)
+        if any(e["id"] in self.fail_commit for e in batch.events):
+            raise ConnectionError("redis went away")
+        self.committed.append([e["id"] for e in batch.events])
+
+    def forget(self, keys: set[str]) -> None:
+        self.forgotten.append(set(keys))
+
+
+def ev(i: int, user: str = "u1") -> dict[str, Any]:
+    return {"id": f"e{i}", "user": user}
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def test_concurrent_callers_share_one_batch_and_each_gets_its_own_results_in_order() -> None:
+    core = FakeCore()
+
+    async def main() -> list[Any]:
+        b = MicroBatcher(core, max_events=100, max_wait_s=0.01)
+        return await asyncio.gather(b.submit([ev(1), ev(2)]), b.submit([ev(3)]), b.submit([ev(4), ev(5)]))
+
+    a, b, c = run(main())
+    assert [r["id"] for r in a] == ["e1", "e2"] and [r["id"] for r in b] == ["e3"]
+    assert [r["id"] for r in c] == ["e4", "e5"]
+    assert core.committed == [["e1", "e2", "e3", "e4", "e5"]]
+
+
+def test_batches_are_cut_at_max_events_without_splitting_a_caller() -> None:
+    core = FakeCore()
+
+    async def main() -> None:
+        b = MicroBatcher(core, max_events=3, max_wait_s=0.01)
+        await asyncio.gather(b.submit([ev(1), ev(2)]), b.submit([ev(3), ev(4)]), b.submit([ev(5)]))
+
+    run(main())
+    assert core.committed == [["e1", "e2"], ["e3", "e4", "e5"]]
+
+
+def test_a_failed_prepare_fails_its_callers_only_and_the_next_batch_commits() -> None:
+    core = FakeCore()
+    core.fail_prepare = {"e1"}
+
+    async def main() -> list[Any]:
+        b = MicroBatcher(core, max_events=100, max_wait_s=0)
+        with pytest.raises(RuntimeError, match="decide failed"):
+            await b.submit([ev(1)])
+        return await b.submit([ev(2)])
+
+    assert [r["id"] for r in run(main())] == ["e2"]
+    assert core.committed == [["e2"]]
+
+
+def test_a_failed_commit_fails_the_batch_decided_on_top_of_it_and_forgets_both_batches_users() -> None:
+    core = FakeCore()
+    core.fail_commit = {"e1"}
+    core.gate.clear()
+
+    async def main() -> tuple[BaseException | None, BaseException | None, list[Any]]:
+        b = MicroBatcher(core, max_events=1, max_wait_s=0)
+        first = asyncio.ensure_future(b.submit([ev(1, "alice")]))
+        await asyncio.to_thread(core.commit_started.wait, 5)  # batch 1 is committing and holds the gate
+        second = asyncio.ensure_future(b.submit([ev(2, "bob")]))
+        while len(core.prepared) < 2:  # batch 2 is decided on top of the uncommitted batch 1
+            await asyncio.sleep(0.001)
+        core.gate.set()
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        after = await b.submit([ev(3, "carol")])  # the batcher goes on
+        return outcomes[0], outcomes[1], after
+
+    err1, err2, after = run(main())
+    assert isinstance(err1, ConnectionError)
+    assert isinstance(err2, BatcherError) and "previous batch failed" in str(err2)
+    assert {"alice"} in core.forgotten and {"bob"} in core.forgotten
+    assert core.committed == [["e3"]] and after[0]["id"] == "e3"
+
+
+def test_the_loop_dying_fails_every_waiter_forgets_undecided_users_and_the_next_submit_restarts_it() -> None:
+    core = FakeCore()
+    core.gate.clear()
+
+    async def main() -> tuple[list[BaseException | Any], list[Any], MicroBatcher[Batch]]:
+        b = MicroBatcher(core, max_events=1, max_wait_s=0)
+        first = asyncio.ensure_future(b.submit([ev(1, "alice")]))
+        await asyncio.to_thread(core.commit_started.wait, 5)  # batch 1 is committing and holds the gate
+        committer = b._committer
+        b._committer = ThreadPoolExecutor(1)
+        b._committer.shutdown()  # a bug: the next commit cannot be scheduled, which kills the loop
+        second = asyncio.ensure_future(b.submit([ev(2, "bob")]))
+        while len(core.prepared) < 2:
+            await asyncio.sleep(0.001)
+        core.gate.set()
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        b._committer = committer
+        await asyncio.sleep(0.05)  # the commit in flight settles; only then are its users forgotten
+        after = await b.submit([ev(3, "carol")])
+        return outcomes, after, b
+
+    outcomes, after, b = run(main())
+    assert isinstance(outcomes[0], list) and outcomes[0][0]["id"] == "e1"  # settled before the loop died
+    assert isinstance(outcomes[1], BatcherError) and "loop died" in str(outcomes[1]), outcomes
+    assert {"bob"} in core.forgotten  # decided but never committed: forgotten, so a retry reloads bob
+    assert b.loop_deaths == 1
+    assert after[0]["id"] == "e3" and core.committed == [["e1"], ["e3"]]
+
+
+def test_on_committed_failing_does_not_fail_a_committed_batch() -> None:
+    core = FakeCore()
+
+    def broken(_: Any) -> None:
+        raise ValueError("metrics bug")
+
+    async def main() -> list[Any]:
+        b = MicroBatcher(core, max_events=10, max_wait_s=0, on_committed=broken)
+        return await b.submit([ev(1)])
+
+    assert run(main())[0]["status"] == "applied"
+
+
+def test_drain_waits_for_queued_batches() -> None:
+    core = FakeCore()
+
+    async def main() -> None:
+        b = MicroBatcher(core, max_events=1, max_wait_s=0)
+        tasks = [asyncio.ensure_future(b.submit([ev(i)])) for i in range(5)]
+        await asyncio.sleep(0)
+        await b.drain()
+        assert all(t.done() for t in tasks)
+
+    run(main())
+    assert len(core.committed) == 5
