@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from playbus.config.errors import ConfigError
 from playbus.config.schema import BudgetConfig, CapConfig, Config, FieldCheckError
 
-__all__ = ["load_config", "parse_config"]
+__all__ = ["default_config_path", "load_config", "parse_config"]
 
 
 class _Loader(yaml.SafeLoader):  # type: ignore[misc, unused-ignore]
@@ -192,3 +192,11 @@ def load_config(path: str | Path) -> Config:
         reason = getattr(e, "strerror", None) or e
         raise ConfigError(f"{p}: cannot read config: {reason}", file=str(p)) from None
     return parse_config(text, file=str(p), base_dir=p.parent)
+
+
+def default_config_path() -> Path:
+    """config/example.yaml of the current folder (a checkout), else the example shipped in the package."""
+    here = Path("config/example.yaml")
+    if here.is_file():
+        return here
+    return Path(__file__).resolve().parent / "example.yaml"

@@ -27,6 +27,7 @@ import msgpack
 from playbus.loadtest.bench_engine import CONFIG as BENCH_CONFIG
 from playbus.loadtest.bench_engine import FIRST_QUIZ as RULE
 from playbus.loadtest.bench_engine import T0
+from playbus.loadtest.stats import percentile
 
 RULE_LINE = ("      - {id: first_quiz_lottery, on: quiz.answered, script: first_quiz_lottery.lua, "
              "emits: [lottery.grant_chance]}")
@@ -53,13 +54,6 @@ def _cpu(r: Any, shards: list[Any]) -> dict[str, float]:
     info = r.info("cpu")
     return {"driver": time.process_time(), "shards": sum(ray.get([s.cpu_seconds.remote() for s in shards])),
             "redis": info["used_cpu_user"] + info["used_cpu_sys"]}
-
-
-def _pct(xs: list[float], p: float) -> float:
-    if not xs:
-        return 0.0
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p * len(xs)))]
 
 
 def _events(n: int, users: int, prefix: str) -> list[dict[str, Any]]:
@@ -203,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             out.update({f"cpu_us_per_event_{k}": v for k, v in per.items()})
             print("  CPU per event (us): " + ", ".join(f"{k} {v:.1f}" for k, v in per.items()), flush=True)
             commits = [c for s in ray.get([x.commit_latencies.remote() for x in shards]) for c in s]
-            out.update(shards_events_per_s=eps, batch_p50_ms=_pct(lat, 0.5), batch_p99_ms=_pct(lat, 0.99),
-                       commit_p50_ms=_pct(commits, 0.5), commit_p99_ms=_pct(commits, 0.99),
+            out.update(shards_events_per_s=eps, batch_p50_ms=percentile(lat, 0.5), batch_p99_ms=percentile(lat, 0.99),
+                       commit_p50_ms=percentile(commits, 0.5), commit_p99_ms=percentile(commits, 0.99),
                        commits=len(commits), mean_commit_events=n / max(1, len(commits)))
             print(f"  driver -> shards (500/batch){eps:>10,.0f} events/s   batch p50 {out['batch_p50_ms']:.1f} ms "
                   f"p99 {out['batch_p99_ms']:.1f} ms; commit p50 {out['commit_p50_ms']:.2f} ms "
@@ -216,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             url = f"http://127.0.0.1:{args.port}"
             asyncio.run(_drive_http(url, _events(5000, args.users, "hw"), 500, args.clients))
             eps, lat = asyncio.run(_drive_http(url, _events(n, args.users, "h"), 500, args.clients))
-            out.update(http_events_per_s=eps, http_p50_ms=_pct(lat, 0.5), http_p99_ms=_pct(lat, 0.99))
+            out.update(http_events_per_s=eps, http_p50_ms=percentile(lat, 0.5), http_p99_ms=percentile(lat, 0.99))
             print(f"  HTTP (500/request)         {eps:>10,.0f} events/s   request p50 {out['http_p50_ms']:.1f} ms "
                   f"p99 {out['http_p99_ms']:.1f} ms", flush=True)
             serve.shutdown()  # type: ignore[no-untyped-call]

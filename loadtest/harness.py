@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import threading
@@ -46,6 +45,7 @@ from typing import IO, Any, TypeVar, overload
 
 from playbus.client import PlaybusClient
 from playbus.loadtest.launcher import ClusterProcess
+from playbus.loadtest.stats import percentile
 
 __all__ = [
     "BEHAVIOURS",
@@ -62,7 +62,6 @@ __all__ = [
     "TeamMember",
     "TimedClient",
     "make_users",
-    "percentile",
     "task",
 ]
 
@@ -397,13 +396,6 @@ def make_users(behaviours: Sequence[type[Behaviour]], users: int, seed: int | st
 
 
 # -- measuring ---------------------------------------------------------------------------------------------
-def percentile(sorted_xs: Sequence[float], p: float) -> float:
-    """The p-quantile (0..1, nearest rank) of an already sorted sequence; 0.0 when empty."""
-    if not sorted_xs:
-        return 0.0
-    return float(sorted_xs[min(len(sorted_xs) - 1, max(0, math.ceil(p * len(sorted_xs)) - 1))])
-
-
 class LatencyRecorder:
     """Thread-safe list of latencies (ms) with outcome counts; `cut()` gives what came since the last cut."""
 

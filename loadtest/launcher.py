@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +119,11 @@ class ClusterProcess:
     def __init__(self, config_path: str | Path, port: int | None = None, redis_dir: str | Path | None = None,
                  shards: int | None = None, env: Mapping[str, str] | None = None, cwd: str | Path = ROOT,
                  python: str | Path = sys.executable, echo: Callable[[str], None] | None = None,
-                 start_timeout_s: float = 180, stop_timeout_s: float = 90) -> None:
+                 start_timeout_s: float = 180, stop_timeout_s: float = 90,
+                 command: Sequence[str] | None = None) -> None:
+        """`command`: the program to run (default: `python run_cluster.py` in `cwd`; an installed playbus has
+        the `run_cluster` command)."""
+        self.command = list(command) if command is not None else [str(python), "run_cluster.py"]
         self.config_path = Path(config_path)
         self.requested_port = port
         self.redis_dir = Path(redis_dir) if redis_dir is not None else None
@@ -180,8 +184,7 @@ class ClusterProcess:
             redis_dir = Path(self._tmp) / "redis"
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         env.pop("RAY_ADDRESS", None)  # always a private local Ray, never someone else's cluster
-        cmd = [self.python, "run_cluster.py", "--config", str(self.config_path), "--port", str(port),
-               "--redis-dir", str(redis_dir)]
+        cmd = [*self.command, "--config", str(self.config_path), "--port", str(port), "--redis-dir", str(redis_dir)]
         if self.shards is not None:
             cmd += ["--shards", str(self.shards)]
         proc = self.proc = subprocess.Popen(

@@ -60,8 +60,9 @@ from urllib.parse import quote
 from playbus.actors.engine.clock import CampaignClock
 from playbus.actors.engine.keys import action_id
 from playbus.actors.store.leases import budget_key
-from playbus.loadtest.harness import LatencyRecorder, TimedClient, percentile
+from playbus.loadtest.harness import LatencyRecorder, TimedClient
 from playbus.loadtest.launcher import ClusterProcess, StopReport, http_get
+from playbus.loadtest.stats import percentile
 
 CAMPAIGN = "soak"
 TZ = "Asia/Shanghai"

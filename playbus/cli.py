@@ -14,7 +14,7 @@ from playbus.actors.engine.engine import ShardEngine
 from playbus.actors.engine.keys import user_key
 from playbus.admin import add_scripts_parser, run_scripts_command
 from playbus.config.errors import ConfigError
-from playbus.config.loader import load_config
+from playbus.config.loader import default_config_path, load_config
 from playbus.errors import CliError
 from playbus.scripting.errors import ScriptError
 
@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="playbus", description="playbus: the campaign orchestration engine")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("dry-run", help="decide events in-process (no Ray, no Redis) and print the results")
-    d.add_argument("--config", default="config/example.yaml", help="campaign config (default: %(default)s)")
+    d.add_argument("--config", help="campaign config (default: config/example.yaml here, else the packaged example)")
     d.add_argument("--events", required=True, help="events, one JSON object per line ('-' for stdin)")
     d.add_argument("--context", help="JSON object: the starting context of every user the events touch")
     d.add_argument("--now", type=int, help="receive time in ms for events without ts (default: now)")
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "dry-run":
-            return dry_run(args.config, args.events, args.context, args.now, sys.stdout)
+            return dry_run(args.config or str(default_config_path()), args.events, args.context, args.now, sys.stdout)
         return run_scripts_command(args, sys.stdout)
     except CliError as e:
         print(f"playbus: {e}", file=sys.stderr)

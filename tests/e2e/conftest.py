@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from playbus.loadtest.launcher import ClusterProcess, free_port
+from tests.support.configs import write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -42,23 +43,12 @@ function decide(event, ctx)
 end
 """
 
-CONFIG_YAML = f"""\
-shards: 2
-key_groups: 16
-dedup_window: 64
-batch: {{max_events: 500, max_wait_ms: 2}}
-sandbox: {{max_instructions: 200000, max_memory_kb: 4096}}
-targets:
-  lottery: {{stream: "{LOTTERY}"}}
-campaigns:
-  - id: {CAMPAIGN}
-    timezone: Asia/Shanghai
-    starts: 2026-01-20T00:00:00+08:00
-    ends: 2026-02-20T00:00:00+08:00
-    rules:
-      - {{id: first_quiz, on: quiz.answered, script: first_quiz.lua, emits: [lottery.grant_chance]}}
-      - {{id: checkin_count, on: checkin.checked_in, script: checkin_count.lua, emits: []}}
-"""
+RULES = [
+    {"id": "first_quiz", "on": "quiz.answered", "script": "first_quiz", "emits": ["lottery.grant_chance"]},
+    {"id": "checkin_count", "on": "checkin.checked_in", "script": "checkin_count", "emits": []},
+]
+SETTINGS = {"shards": 2, "key_groups": 16, "dedup_window": 64, "batch": {"max_events": 500, "max_wait_ms": 2},
+            "sandbox": {"max_instructions": 200000, "max_memory_kb": 4096}}
 
 
 @dataclass
@@ -146,11 +136,8 @@ def event(eid: str, user: str, type: str = "quiz.answered", ts: int = T0, **data
 
 
 def _write_config(base: Path) -> Path:
-    (base / "first_quiz.lua").write_text(FIRST_QUIZ_V1, encoding="utf-8")
-    (base / "checkin_count.lua").write_text(CHECKIN_V1, encoding="utf-8")
-    path = base / "e2e.yaml"
-    path.write_text(CONFIG_YAML, encoding="utf-8")
-    return path
+    return write_config(base, {"first_quiz": FIRST_QUIZ_V1, "checkin_count": CHECKIN_V1}, RULES, name="e2e.yaml",
+                        campaign=CAMPAIGN, targets={"lottery": {"stream": LOTTERY}}, **SETTINGS)
 
 
 @pytest.fixture(scope="session")

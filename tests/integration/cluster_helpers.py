@@ -19,8 +19,8 @@ from playbus.actors.edge.serve_app import call_with_retry
 from playbus.actors.edge.shard_actor import UserActivityActor
 from playbus.actors.engine.keys import group_prefix
 from playbus.actors.service.http_api import IngressCore
-from playbus.config.loader import parse_config
 from playbus.config.schema import Config
+from tests.support.configs import make_config
 
 CAMPAIGN = "c1"
 LOTTERY = "playbus:actions:lottery"
@@ -70,37 +70,25 @@ end
 """,
 }
 
-CONFIG_YAML = f"""
-shards: 2
-key_groups: 16
-dedup_window: 256
-batch: {{max_events: 500, max_wait_ms: 2}}
-sandbox: {{max_instructions: 200000, max_memory_kb: 4096}}
-targets:
-  lottery: {{stream: "{LOTTERY}"}}
-  wallet: {{webhook: "http://127.0.0.1:9/grant"}}
-campaigns:
-  - id: {CAMPAIGN}
-    timezone: Asia/Shanghai
-    starts: 2026-01-01T00:00:00+08:00
-    ends: 2027-01-01T00:00:00+08:00
-    rules:
-      - {{id: first_quiz, on: quiz.answered, script: first_quiz.lua, emits: [lottery.grant_chance]}}
-      - {{id: loop_forever, on: evil.loop, script: loop_forever.lua, emits: [lottery.grant_chance]}}
-      - {{id: count_evil, on: evil.loop, script: count_evil.lua, emits: []}}
-      - {{id: tick, on: tick, script: tick.lua, emits: [lottery.grant_ticket]}}
-      - {{id: reward, on: task.completed, script: reward.lua, emits: [lottery.grant_chance, wallet.grant_cash]}}
-    caps:
-      - {{action: lottery.grant_chance, per_user: {CAP_PER_DAY}, period: day}}
-    budgets:
-      - {{name: cash, action: wallet.grant_cash, param: amount_cents, total: {CASH_TOTAL}}}
-"""
+RULES = [
+    {"id": "first_quiz", "on": "quiz.answered", "script": "first_quiz", "emits": ["lottery.grant_chance"]},
+    {"id": "loop_forever", "on": "evil.loop", "script": "loop_forever", "emits": ["lottery.grant_chance"]},
+    {"id": "count_evil", "on": "evil.loop", "script": "count_evil", "emits": []},
+    {"id": "tick", "on": "tick", "script": "tick", "emits": ["lottery.grant_ticket"]},
+    {"id": "reward", "on": "task.completed", "script": "reward",
+     "emits": ["lottery.grant_chance", "wallet.grant_cash"]},
+]
 
 
 def make_cluster_config(tmp: Path) -> Config:
-    for name, source in SCRIPTS.items():
-        (tmp / f"{name}.lua").write_text(source, encoding="utf-8")
-    return parse_config(CONFIG_YAML, file=str(tmp / "cluster.yaml"), base_dir=tmp)
+    return make_config(
+        tmp, SCRIPTS, RULES, name="cluster.yaml", campaign=CAMPAIGN,
+        starts="2026-01-01T00:00:00+08:00", ends="2027-01-01T00:00:00+08:00",
+        targets={"lottery": {"stream": LOTTERY}, "wallet": {"webhook": "http://127.0.0.1:9/grant"}},
+        caps=[{"action": "lottery.grant_chance", "per_user": CAP_PER_DAY, "period": "day"}],
+        budgets=[{"name": "cash", "action": "wallet.grant_cash", "param": "amount_cents", "total": CASH_TOTAL}],
+        shards=2, key_groups=16, dedup_window=256, batch={"max_events": 500, "max_wait_ms": 2},
+        sandbox={"max_instructions": 200000, "max_memory_kb": 4096})
 
 
 def event(eid: str, user: str, type: str = "tick", ts: int = T0, **data: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from playbus.actors.service.http_api import IngressCore
 from playbus.actors.service.shard import ShardCore
 from playbus.client import ClientClosedError, DeliveryError, PlaybusClient, RequestRejectedError, StreamProducer
 from playbus.config.schema import Config
-from tests.helpers import T0, quiz_config
+from tests.support.configs import T0, quiz_config
 
 
 @pytest.fixture(scope="module")

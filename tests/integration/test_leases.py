@@ -11,26 +11,16 @@ import pytest
 
 from playbus.actors.store.leases import LeasedBudgets, budget_key
 from playbus.actors.store.server import RedisServer
-from playbus.config import Config, parse_config
+from playbus.config import Config
+from tests.support.configs import make_config as build
 
 PAY = 'function decide(event, ctx) emit("wallet.grant_cash", {amount_cents = 1}) end'
-CONFIG = """
-targets:
-  wallet: {webhook: "http://127.0.0.1:9/grant"}
-campaigns:
-  - id: c1
-    starts: 2020-01-01T00:00:00+00:00
-    ends: 2030-01-01T00:00:00+00:00
-    rules:
-      - {id: pay, on: task.completed, script: pay.lua, emits: [wallet.grant_cash]}
-    budgets:
-      - {name: cash, action: wallet.grant_cash, param: amount_cents, total: TOTAL}
-"""
 
 
 def make_config(tmp_path: Path, total: int) -> Config:
-    (tmp_path / "pay.lua").write_text(PAY)
-    return parse_config(CONFIG.replace("TOTAL", str(total)), base_dir=tmp_path)
+    return build(tmp_path, {"pay": PAY}, [{"id": "pay", "on": "task.completed", "script": "pay",
+                                          "emits": ["wallet.grant_cash"]}],
+                 budgets=[{"name": "cash", "action": "wallet.grant_cash", "param": "amount_cents", "total": total}])
 
 
 def spend_concurrently(server: RedisServer, config: Config, shards: int, max_amount: int,

@@ -15,7 +15,8 @@ from playbus.actors.engine.keys import key_group
 from playbus.actors.store.commit import RedisStore
 from playbus.actors.store.errors import FencedError
 from playbus.actors.store.server import RedisServer
-from playbus.config import Config, parse_config
+from playbus.config import Config
+from tests.support.configs import make_config
 
 KG = 8
 LOTTERY = "playbus:actions:lottery"
@@ -32,26 +33,14 @@ function decide(event, ctx)
 end
 """
 
-CONFIG = """
-key_groups: 8
-shards: 2
-targets:
-  lottery: {stream: "playbus:actions:lottery"}
-  wallet: {webhook: "http://127.0.0.1:9/grant"}
-campaigns:
-  - id: c1
-    starts: 2020-01-01T00:00:00+00:00
-    ends: 2030-01-01T00:00:00+00:00
-    rules:
-      - {id: quiz, on: quiz.answered, script: quiz.lua, emits: [lottery.grant_chance, wallet.grant_cash]}
-"""
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
-    d = tmp_path_factory.mktemp("cfg")
-    (d / "quiz.lua").write_text(SCRIPT)
-    return parse_config(CONFIG, base_dir=d)
+    return make_config(tmp_path_factory.mktemp("cfg"), {"quiz": SCRIPT},
+                       [{"id": "quiz", "on": "quiz.answered", "script": "quiz",
+                         "emits": ["lottery.grant_chance", "wallet.grant_cash"]}],
+                       starts="2020-01-01T00:00:00+00:00", ends="2030-01-01T00:00:00+00:00", key_groups=8, shards=2)
 
 
 def ev(i: int, user: str, **data: Any) -> dict[str, Any]:

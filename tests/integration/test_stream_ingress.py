@@ -18,7 +18,7 @@ from playbus.actors.service.stream_ingress import GROUP, IN_STREAM, REJECTED_STR
 from playbus.actors.store.commit import RedisStore
 from playbus.client import StreamProducer
 from playbus.config.schema import Config
-from tests.helpers import T0, quiz_config
+from tests.support.configs import T0, quiz_config
 
 LOTTERY = "playbus:actions:lottery"
 

@@ -10,7 +10,7 @@ from playbus.actors.engine.engine import ShardEngine
 from playbus.actors.engine.keys import action_id
 from playbus.actors.engine.state import decode_snapshot
 from playbus.scripting.errors import ScriptCompileError
-from tests.helpers import FIRST_QUIZ, T0, ev, make_config, make_engine
+from tests.support.configs import FIRST_QUIZ, T0, ev, make_config, make_engine
 
 ALWAYS = """
 function decide(event, ctx)
@@ -72,7 +72,7 @@ def test_retried_event_is_duplicate_in_same_and_later_batches(first: ShardEngine
 
 
 def test_dedup_window_is_bounded_per_user(tmp_path: Path) -> None:
-    eng = make_engine(tmp_path, {"first": FIRST_QUIZ}, [R_FIRST], extra="dedup_window: 3\n")
+    eng = make_engine(tmp_path, {"first": FIRST_QUIZ}, [R_FIRST], dedup_window=3)
     eng.process([ev(i) for i in range(4)], T0)
     assert len(eng.users["c1\x00u1"].seen) == 3 * 8
     # e0 fell out of the 3-event window; e3 is still in it.
@@ -141,7 +141,7 @@ def test_emit_outside_the_rules_allow_list_is_an_error(tmp_path: Path) -> None:
 
 def test_daily_cap_counts_in_campaign_time_zone(tmp_path: Path) -> None:
     eng = make_engine(tmp_path, {"always": ALWAYS}, [R_ALWAYS],
-                      caps=["{action: lottery.grant_chance, per_user: 2, period: day}"])
+                      caps=[{"action": "lottery.grant_chance", "per_user": 2, "period": "day"}])
     # 2026-01-21 23:30 and 23:50 Shanghai (15:30Z, 15:50Z), then 00:10 on the 22nd (16:10Z).
     d = 1768953600000 + 15 * 3_600_000  # 2026-01-21T15:00:00Z
     evs = [ev(1, ts=d + 30 * 60_000), ev(2, ts=d + 50 * 60_000), ev(3, ts=d + 55 * 60_000), ev(4, ts=d + 70 * 60_000)]
@@ -153,8 +153,8 @@ def test_daily_cap_counts_in_campaign_time_zone(tmp_path: Path) -> None:
 
 def test_weekly_and_campaign_caps(tmp_path: Path) -> None:
     eng = make_engine(tmp_path, {"always": ALWAYS}, [R_ALWAYS],
-                      caps=["{action: lottery.grant_chance, per_user: 2, period: week}",
-                            "{action: lottery.grant_chance, per_user: 3, period: campaign}"])
+                      caps=[{"action": "lottery.grant_chance", "per_user": 2, "period": "week"},
+                            {"action": "lottery.grant_chance", "per_user": 3, "period": "campaign"}])
     day = 86_400_000
     monday = 1769356800000  # 2026-01-26T00:00+08:00, a Monday
     ts = [monday - day, monday - 2 * day, monday - 3 * day, monday, monday + day, monday + 2 * day]
@@ -167,7 +167,7 @@ def test_budget_is_never_overspent_and_refusal_is_journaled(tmp_path: Path) -> N
     cash = 'function decide(e, ctx) emit("wallet.grant_cash", {amount_cents = e.data.amount}) end'
     eng = make_engine(tmp_path, {"cash": cash},
                       [{"id": "pay", "on": "task.completed", "script": "cash", "emits": ["wallet.grant_cash"]}],
-                      budgets=["{name: cash, action: wallet.grant_cash, param: amount_cents, total: 250}"])
+                      budgets=[{"name": "cash", "action": "wallet.grant_cash", "param": "amount_cents", "total": 250}])
     evs = [ev(i, user=f"u{i}", type="task.completed", amount=100) for i in range(4)]
     evs.append(ev(9, type="task.completed", amount=50))
     out = eng.process(evs, T0)
@@ -180,7 +180,7 @@ def test_budget_param_must_be_a_non_negative_integer(tmp_path: Path) -> None:
     cash = 'function decide(e, ctx) emit("wallet.grant_cash", {amount_cents = e.data.amount}) end'
     eng = make_engine(tmp_path, {"cash": cash},
                       [{"id": "pay", "on": "task.completed", "script": "cash", "emits": ["wallet.grant_cash"]}],
-                      budgets=["{name: cash, action: wallet.grant_cash, param: amount_cents, total: 250}"])
+                      budgets=[{"name": "cash", "action": "wallet.grant_cash", "param": "amount_cents", "total": 250}])
     out = eng.process([ev(1, type="task.completed", amount=-5), ev(2, type="task.completed", amount=1.5)], T0)
     for r in out.results:
         assert "budget parameter 'amount_cents' must be a non-negative integer" in r["errors"][0]
@@ -212,7 +212,7 @@ def test_dirty_tracking_lists_only_changed_users(first: ShardEngine) -> None:
 
 
 def test_snapshot_restore_roundtrip_keeps_context_dedup_and_caps(tmp_path: Path) -> None:
-    kw = {"caps": ["{action: lottery.grant_chance, per_user: 2, period: day}"]}
+    kw = {"caps": [{"action": "lottery.grant_chance", "per_user": 2, "period": "day"}]}
     a = make_engine(tmp_path, {"always": ALWAYS}, [R_ALWAYS], **kw)
     a.process([ev(1), ev(2)], T0)
     snap = a.snapshot()
@@ -275,7 +275,7 @@ def test_event_data_reaches_the_script(tmp_path: Path) -> None:
 
 def test_caps_count_each_day_separately_when_days_interleave(tmp_path: Path) -> None:
     eng = make_engine(tmp_path, {"always": ALWAYS}, [R_ALWAYS],
-                      caps=["{action: lottery.grant_chance, per_user: 2, period: day}"])
+                      caps=[{"action": "lottery.grant_chance", "per_user": 2, "period": "day"}])
     day = 86_400_000
     ts = [T0, T0 + day, T0, T0 + day, T0, T0 + day]  # late events alternate between two local days
     out = eng.process([ev(i, ts=t) for i, t in enumerate(ts)], T0)
@@ -284,7 +284,7 @@ def test_caps_count_each_day_separately_when_days_interleave(tmp_path: Path) -> 
 
 def test_cap_refuses_a_period_older_than_those_counted(tmp_path: Path) -> None:
     eng = make_engine(tmp_path, {"always": ALWAYS}, [R_ALWAYS],
-                      caps=["{action: lottery.grant_chance, per_user: 1, period: day}"])
+                      caps=[{"action": "lottery.grant_chance", "per_user": 1, "period": "day"}])
     day = 86_400_000
     first = eng.process([ev(i, ts=T0 + i * day) for i in range(1, 9)], T0)  # 8 days counted
     assert sum(len(r["actions"]) for r in first.results) == 8

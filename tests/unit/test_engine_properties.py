@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from playbus.actors.engine.engine import ShardEngine
-from tests.helpers import T0, make_config
+from tests.support.configs import T0, make_config
 
 SCRIPT = """
 function decide(e, ctx)
@@ -21,8 +21,8 @@ function decide(e, ctx)
 end
 """
 CAPS = [
-    "{action: lottery.grant_chance, per_user: 2, period: day}",
-    "{action: lottery.grant_chance, per_user: 5, period: week}",
+    {"action": "lottery.grant_chance", "per_user": 2, "period": "day"},
+    {"action": "lottery.grant_chance", "per_user": 5, "period": "week"},
 ]
 DAY = 86_400_000
 

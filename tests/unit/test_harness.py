@@ -26,9 +26,9 @@ from playbus.loadtest.harness import (
     TaskDoer,
     TeamMember,
     make_users,
-    percentile,
     task,
 )
+from playbus.loadtest.stats import percentile
 
 CONFIG = Path(__file__).resolve().parents[2] / "config" / "example.yaml"
 NOW_MS = 1_769_900_000_000

@@ -1,8 +1,8 @@
-"""Producer clients for gameplay services: batched HTTP (`PlaybusClient`) and bulk Redis (`StreamProducer`).
+"""PlaybusClient: events sent one by one, batched into `POST /v1/events` requests (msgpack) with retries.
 
-Only the standard library (http.client, one kept-alive connection) plus msgpack, so a gameplay service
-needs nothing heavy. Retries resend the same events with the same ids: playbus dedups on the id, so a
-retried event is applied at most once and answered `applied` or `duplicate`, never lost.
+Only the standard library (http.client, one kept-alive connection) plus msgpack. Retries resend the same
+events with the same ids: playbus dedups on the id, so a retried event is applied at most once and answered
+`applied` or `duplicate`, never lost.
 """
 
 from __future__ import annotations
@@ -23,41 +23,12 @@ from urllib.parse import urlsplit
 
 import msgpack
 
-__all__ = [
-    "ClientClosedError",
-    "DeliveryError",
-    "PlaybusClient",
-    "PlaybusClientError",
-    "RequestRejectedError",
-    "StreamProducer",
-]
+from playbus.client.errors import ClientClosedError, DeliveryError, PlaybusClientError, RequestRejectedError
+
+__all__ = ["MAX_EVENTS_PER_REQUEST", "PlaybusClient", "Result"]
 
 MAX_EVENTS_PER_REQUEST = 1000  # CONTRACT.md: POST /v1/events takes at most 1000 events
 Result = dict[str, Any]
-
-
-class PlaybusClientError(Exception):
-    """Root of the client's errors."""
-
-
-class RequestRejectedError(PlaybusClientError):
-    """playbus refused the request for good (400 unparseable, 413 too large, other 4xx); resending won't help."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"playbus answered {status}: {reason}")
-        self.status = status
-        self.reason = reason
-
-
-class DeliveryError(PlaybusClientError):
-    """Every attempt failed (connection errors, timeouts, 5xx); the event may or may not have been applied.
-
-    Resending it with the same id is safe: it is answered `duplicate` if it was.
-    """
-
-
-class ClientClosedError(PlaybusClientError):
-    """send() after close()."""
 
 
 class _Item:
@@ -358,36 +329,3 @@ def _retry_after(value: str | None) -> float:
     except (TypeError, ValueError):
         return 0.0
     return max(0.0, when.timestamp() - time.time())
-
-
-class StreamProducer:
-    """The high-volume path: XADD events to `playbus:in` (field "event" = msgpack), pipelined.
-
-    `redis_client` is a redis-py client of the Redis that playbus uses. XADD is not idempotent: a
-    producer that resends after an error may add an entry twice, and playbus answers the copy
-    `duplicate` by its id, so keep ids stable across resends.
-    """
-
-    def __init__(self, redis_client: Any, stream: str = "playbus:in", chunk: int = 1000) -> None:
-        self.client = redis_client
-        self.stream = stream
-        self.chunk = chunk
-
-    def send(self, event: dict[str, Any]) -> Any:
-        """XADD one event; returns its entry id."""
-        return self.client.xadd(self.stream, {"event": msgpack.packb(event)})
-
-    def send_many(self, events: Iterable[dict[str, Any]]) -> list[Any]:
-        """XADD events in pipelines of `chunk` (one round trip each); returns their entry ids in order."""
-        ids: list[Any] = []
-        pipe = self.client.pipeline(transaction=False)
-        queued = 0
-        for e in events:
-            pipe.xadd(self.stream, {"event": msgpack.packb(e)})
-            queued += 1
-            if queued >= self.chunk:
-                ids.extend(pipe.execute())
-                queued = 0
-        if queued:
-            ids.extend(pipe.execute())
-        return ids

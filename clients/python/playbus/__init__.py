@@ -1,0 +1,1 @@
+../../../playbus/__init__.py
