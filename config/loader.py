@@ -145,8 +145,10 @@ def _expectation(err: Any) -> str:
 
 
 def _check_links(cfg: Config, file: str, root: yaml.Node | None, data: Any, base: Path) -> Config:
-    """Cross-field checks: emitted types have a target, caps/budgets name emitted types, scripts exist."""
+    """Cross-field checks: emitted types have a target, caps/budgets name emitted types, scripts exist, and two
+    different script files never share a name (the file stem names a script in the catalog)."""
     campaigns = []
+    stems: dict[str, Path] = {}
     for ci, camp in enumerate(cfg.campaigns):
         emitted = {t for r in camp.rules for t in r.emits}
         rules = []
@@ -160,6 +162,13 @@ def _check_links(cfg: Config, file: str, root: yaml.Node | None, data: Any, base
                         f"(known: {sorted(cfg.targets) or 'none'})",
                     )
             path = (base / rule.script).resolve()
+            other = stems.setdefault(path.stem, path)
+            if other != path:
+                raise _fail(
+                    file, root, data, ("campaigns", ci, "rules", ri, "script"),
+                    f"script name {path.stem!r} (the file stem) is already the name of {str(other)!r}; "
+                    f"two different files cannot share a name: rename one",
+                )
             try:
                 source = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:

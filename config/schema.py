@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "BatchConfig",
+    "DurabilityConfig",
     "BudgetConfig",
     "CampaignConfig",
     "CapConfig",
@@ -19,9 +20,21 @@ __all__ = [
     "RuleConfig",
     "SandboxConfig",
     "TargetConfig",
+    "parse_duration",
 ]
 
 _NAME = r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$"
+_CAP_ID = r"^[A-Za-z0-9_][A-Za-z0-9_.:/\-]*$"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration such as "500ms", "2s", "10m", "24h" or "7d"; ValueError otherwise."""
+    m = _DURATION.match(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(f"expected a duration like '2s', '10m' or '24h', got {text!r}")
+    return float(m.group(1)) * _UNIT_S[m.group(2)]
 _ACTION_TYPE = r"^[a-z0-9_]+(\.[A-Za-z0-9_\-]+)+$"
 _EVENT_TYPE = r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$"
 
@@ -47,18 +60,48 @@ class BatchConfig(_Strict):
 
 
 class TargetConfig(_Strict):
-    """Where the actions of one gameplay go: a Redis stream or a webhook, exactly one of them."""
+    """Where the actions of one gameplay go: a Redis stream or a webhook, exactly one of them.
+
+    A webhook is retried with capped backoff until `retry_for` has passed since the action's first attempt
+    (and, when `max_attempts` is set, at most that many attempts), then dead-lettered."""
 
     stream: str | None = Field(None, min_length=1, max_length=256)
     webhook: str | None = Field(None, pattern=r"^https?://[^\s]+$")
-    max_attempts: int = Field(8, ge=1, le=100)
+    max_attempts: int | None = Field(None, ge=1, le=1_000_000)
+    retry_for: str = "24h"
     timeout_s: float = Field(5.0, gt=0, le=300)
+    headers: dict[str, str] = {}
+    secret: str | None = Field(None, min_length=1, max_length=4096)
+
+    @field_validator("retry_for")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        seconds = parse_duration(v)
+        if not 0 < seconds <= 30 * 86400:
+            raise ValueError("expected a duration between 1ms and 30d")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _plain_headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not re.match(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", name) or "\n" in value or "\r" in value:
+                raise ValueError(f"header {name!r}: expected a token name and a one-line value")
+            if name.lower() in ("content-type", "content-length", "idempotency-key", "x-playbus-signature", "host"):
+                raise ValueError(f"header {name!r} is set by playbus")
+        return v
 
     @model_validator(mode="after")
     def _exactly_one(self) -> TargetConfig:
         if (self.stream is None) == (self.webhook is None):
             raise ValueError("a target needs exactly one of 'stream' or 'webhook'")
+        if self.stream is not None and (self.headers or self.secret):
+            raise ValueError("'headers' and 'secret' are for webhook targets")
         return self
+
+    @property
+    def retry_for_s(self) -> float:
+        return parse_duration(self.retry_for)
 
 
 class SandboxConfig(_Strict):
@@ -89,11 +132,20 @@ class RuleConfig(_Strict):
 
 
 class CapConfig(_Strict):
-    """At most `per_user` actions of one type per user per day, week or campaign (campaign time zone)."""
+    """At most `per_user` actions of one type per user per day, week or campaign (campaign time zone).
 
+    Counters are kept under the cap's `id`: given, or derived from action, period and limit, so that adding,
+    removing or reordering caps never mixes their counts up (a changed limit without an id is a new cap)."""
+
+    id: str | None = Field(None, pattern=_CAP_ID, max_length=128)
     action: str = Field(pattern=_ACTION_TYPE)
     per_user: int = Field(ge=0)
     period: Literal["day", "week", "campaign"]
+
+    @property
+    def key(self) -> str:
+        """The id counters are kept under."""
+        return self.id if self.id is not None else f"{self.action}/{self.period}/{self.per_user}"
 
 
 class BudgetConfig(_Strict):
@@ -141,6 +193,12 @@ class CampaignConfig(_Strict):
             if r.id in seen:
                 raise FieldCheckError(("rules", i, "id"), "rule ids must be unique within a campaign")
             seen.add(r.id)
+        keys: set[str] = set()
+        for i, c in enumerate(self.caps):
+            if c.key in keys:
+                where = ("caps", i, "id") if c.id is not None else ("caps", i)
+                raise FieldCheckError(where, f"two caps with the id {c.key!r}; give one of them another 'id'")
+            keys.add(c.key)
         names: set[str] = set()
         for i, b in enumerate(self.budgets):
             if b.name in names:
@@ -157,12 +215,24 @@ class CampaignConfig(_Strict):
         return int(self.ends.timestamp() * 1000)
 
 
+class DurabilityConfig(_Strict):
+    """What `applied` waits for: the commit reaching Redis (`everysec`: the AOF is fsynced about every second)
+    or the AOF fsync itself (`always`: WAITAOF on Redis 7.2+, `appendfsync always` required before that)."""
+
+    fsync: Literal["everysec", "always"] = "everysec"
+
+
 class Config(_Strict):
     """The whole playbus configuration file."""
 
     shards: int = Field(4, ge=1, le=1024)
     key_groups: int = Field(128, ge=1, le=65_536)
+    # A user's event ids are remembered for `dedup_horizon` after they were received, and at least the last
+    # `dedup_window` of them, at most `dedup_max_ids`: a retry inside that is answered `duplicate`.
     dedup_window: int = Field(32, ge=1, le=100_000)
+    dedup_horizon: str = "10m"
+    dedup_max_ids: int = Field(10_000, ge=1, le=1_000_000)
+    durability: DurabilityConfig = DurabilityConfig()
     batch: BatchConfig = BatchConfig()
     sandbox: SandboxConfig = SandboxConfig()
     targets: dict[str, TargetConfig] = {}
@@ -170,8 +240,21 @@ class Config(_Strict):
     # Filled by the loader: the file it came from, for messages.
     source_file: str = ""
 
+    @field_validator("dedup_horizon")
+    @classmethod
+    def _horizon(cls, v: str) -> str:
+        if not 0 <= parse_duration(v) <= 7 * 86400:
+            raise ValueError("expected a duration between 0s and 7d")
+        return v
+
+    @property
+    def dedup_horizon_s(self) -> float:
+        return parse_duration(self.dedup_horizon)
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        if self.dedup_max_ids < self.dedup_window:
+            raise FieldCheckError(("dedup_max_ids",), f"must be at least dedup_window ({self.dedup_window})")
         if self.shards > self.key_groups:
             raise FieldCheckError(("shards",), f"expected at most key_groups ({self.key_groups}) shards")
         ids: set[str] = set()

@@ -317,11 +317,14 @@ local function emit(atype, params)
   if type(params) ~= "table" then error("emit: params must be a table", 2) end
   local size
   params, size = copy(params, "emit", atype)
-  local bp = cur_rule.budget_params[atype]
-  if bp then
-    local a = params[bp]
-    if mtype(a) ~= "integer" or a < 0 then
-      error(sformat("emit('%s'): budget parameter '%s' must be a non-negative integer", atype, bp), 2)
+  local bps = cur_rule.budget_params[atype]
+  if bps then
+    for i = 1, #bps do
+      local bp = bps[i]
+      local a = params[bp]
+      if mtype(a) ~= "integer" or a < 0 then
+        error(sformat("emit('%s'): budget parameter '%s' must be a non-negative integer", atype, bp), 2)
+      end
     end
   end
   if cur_emits == NO_EMITS then cur_emits = {} end

@@ -89,7 +89,9 @@ class Sandbox:
     def drop_script(self, handle: int) -> None:
         self._api.drop_script(handle)
 
-    def define_rule(self, rule_id: str, script: int, emits: list[str], budget_params: dict[str, str]) -> int:
+    def define_rule(self, rule_id: str, script: int, emits: list[str], budget_params: dict[str, list[str]]) -> int:
+        """A rule running `script`, allowed to emit `emits`; `budget_params`: action type -> the integer
+        parameters its budgets spend (checked at emit)."""
         h = self._handle()
         self._api.define_rule(h, rule_id.encode(), script, msgpack.packb(list(emits)), msgpack.packb(budget_params))
         return h

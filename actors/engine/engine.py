@@ -17,7 +17,7 @@ from playbus.actors.engine.clock import CampaignClock
 from playbus.actors.engine.decisions import Decision
 from playbus.actors.engine.events import Event, check_event
 from playbus.actors.engine.keys import action_id, user_key
-from playbus.actors.engine.state import _DIGEST, DIGEST_SEED, UserState, decode_snapshot, encode_snapshot
+from playbus.actors.engine.state import _DIGEST, _STAMP, DIGEST_SEED, UserState, decode_snapshot, encode_snapshot
 from playbus.config.schema import CampaignConfig, Config, RuleConfig
 from playbus.scripting.registry import ScriptRegistry
 from playbus.scripting.sandbox import Sandbox
@@ -60,7 +60,7 @@ class _Campaign:
     ends_ms: int
     clock: CampaignClock
     caps: CapBook
-    budgets: dict[str, tuple[str, str]]  # action type -> (budget name, param)
+    budgets: dict[str, list[tuple[str, str]]]  # action type -> [(budget name, param)]: all spent, or none
     rulesets: dict[str, _RuleSet]
     offsets: dict[int, int]  # the clock's cache of UTC offsets per quarter hour, read inline per event
 
@@ -74,6 +74,8 @@ class ShardEngine:
         self.sandbox = sandbox or Sandbox(config.sandbox.max_instructions, config.sandbox.max_memory_kb)
         self.scripts = ScriptRegistry(self.sandbox)
         self.window = config.dedup_window
+        self.horizon_s = int(config.dedup_horizon_s)
+        self.max_ids = config.dedup_max_ids
         self.users: dict[str, UserState] = {}
         self.dirty: set[str] = set()
         self._type_b: dict[str, bytes] = {}
@@ -82,8 +84,10 @@ class ShardEngine:
 
     # -- set-up ------------------------------------------------------------------------------------
     def _build_campaign(self, c: CampaignConfig) -> _Campaign:
-        budgets = {b.action: (b.name, b.param) for b in c.budgets}
-        budget_params = {action: param for action, (_, param) in budgets.items()}
+        budgets: dict[str, list[tuple[str, str]]] = {}
+        for b in c.budgets:
+            budgets.setdefault(b.action, []).append((b.name, b.param))
+        budget_params = {action: sorted({param for _, param in bs}) for action, bs in budgets.items()}
         by_type: dict[str, list[_Rule]] = {}
         for rc in c.rules:
             rule = self._build_rule(c, rc, budget_params)
@@ -97,7 +101,7 @@ class ShardEngine:
             clock=clock, caps=CapBook(c.caps), budgets=budgets, rulesets=rulesets, offsets=clock.offsets,
         )
 
-    def _build_rule(self, c: CampaignConfig, rc: RuleConfig, budget_params: dict[str, str]) -> _Rule:
+    def _build_rule(self, c: CampaignConfig, rc: RuleConfig, budget_params: dict[str, list[str]]) -> _Rule:
         name = rc.script_name or rc.script
         try:
             version, script = self.scripts.active(name)
@@ -131,6 +135,9 @@ class ShardEngine:
         cols: list[Any] = []
         work: list[tuple[int, Event, UserState, int, _Campaign, _RuleSet]] = []
         add_dirty, add_work, span = dirty.add, work.append, _DIGEST * window
+        now_s = now_ms // 1000
+        stamp = (now_s & 0xFFFFFFFF).to_bytes(_STAMP, "little")
+        cutoff_s, most = now_s - self.horizon_s, self.max_ids
         for idx, raw in enumerate(events):
             ev, reason = check_event(raw, now_ms)
             if ev is None:
@@ -154,8 +161,10 @@ class ShardEngine:
             if digest in seen and st.has_seen(digest):
                 results[idx] = {"id": eid, "status": "duplicate", "actions": [], "errors": []}
                 continue
-            seen += digest
-            st.seen = seen if len(seen) <= span else seen[-span:]
+            st.seen = seen + digest
+            st.stamps += stamp
+            if len(seen) >= span:
+                st.forget_old(window, cutoff_s, most)
             add_dirty(key)
             results[idx] = {"id": eid, "status": "applied", "actions": [], "errors": []}
             if not camp.starts_ms <= ts < camp.ends_ms:
@@ -222,11 +231,12 @@ class ShardEngine:
             reason = caps.refusal(st.caps, atype, day)
             if reason:
                 return reason
-        budget = camp.budgets.get(atype)
-        if budget is not None:
-            name, param = budget
-            if not self.budgets.try_spend(camp.config.id, name, params[param]):
-                return f"budget: {name} cannot cover {param}={params[param]}"
+        budgets = camp.budgets.get(atype)
+        if budgets is not None:
+            short = self.budgets.try_spend(camp.config.id, [(name, params[param]) for name, param in budgets])
+            if short:
+                param = next(p for n, p in budgets if n == short)
+                return f"budget:{short}: cannot cover {param}={params[param]}"
         if capped:
             if st.caps is None:
                 st.caps = {}
@@ -271,6 +281,9 @@ class ShardEngine:
             self.sandbox.drop_context(key)
             return
         state, context = decode_snapshot(blob)
+        if state.caps and any(type(k) is int for k in state.caps):  # a version 1 snapshot: caps by position
+            camp = self.campaigns.get(key.partition("\x00")[0])
+            state.caps = camp.caps.migrate(state.caps) if camp is not None else None
         self.users[key] = state
         if context is None:
             self.sandbox.drop_context(key)

@@ -1,4 +1,4 @@
-"""Per-user state kept on the Python side: the dedup window and cap counters, and its snapshot format.
+"""Per-user state kept on the Python side: the dedup memory and cap counters, and its snapshot format.
 
 The user's context itself lives in the sandbox (a Lua table); a snapshot joins the two as msgpack bytes.
 """
@@ -12,27 +12,30 @@ import msgpack
 
 from playbus.actors.engine.errors import StateError
 
-__all__ = ["UserState", "decode_snapshot", "encode_snapshot", "event_digest"]
+__all__ = ["SNAPSHOT_VERSION", "UserState", "decode_snapshot", "encode_snapshot", "event_digest"]
 
-SNAPSHOT_VERSION = 1
-_DIGEST = 8
+SNAPSHOT_VERSION = 2
+_DIGEST = 8  # bytes per remembered event id
+_STAMP = 4  # bytes per receive time (seconds since the epoch, little-endian uint32)
 DIGEST_SEED = 0x5BD1E995
 
 
 def event_digest(event_id: str) -> bytes:
-    """8-byte digest of an event id, the unit of the dedup window (per user, so only that user's own
-    ids could ever collide; two CRC-32s with different seeds: stable everywhere and cheap)."""
+    """8-byte digest of an event id, the unit of the dedup memory (per user, so only that user's own ids could
+    ever collide; two CRC-32s with different seeds: stable everywhere and cheap)."""
     b = event_id.encode()
     return (crc32(b) | crc32(b, DIGEST_SEED) << 32).to_bytes(_DIGEST, "little")
 
 
 class UserState:
-    """Recent event digests (newest last, bounded) and cap counters of one (campaign, user)."""
+    """The dedup memory (event id digests, oldest first, with the second each was received) and the cap counters
+    ({cap id: {period: count}}) of one (campaign, user)."""
 
-    __slots__ = ("caps", "seen")
+    __slots__ = ("caps", "seen", "stamps")
 
-    def __init__(self, seen: bytes = b"", caps: dict[int, dict[int, int]] | None = None) -> None:
+    def __init__(self, seen: bytes = b"", stamps: bytes = b"", caps: dict[Any, dict[int, int]] | None = None) -> None:
         self.seen = seen
+        self.stamps = stamps
         self.caps = caps
 
     def has_seen(self, digest: bytes) -> bool:
@@ -44,26 +47,45 @@ class UserState:
             i = seen.find(digest, i + 1)
         return False
 
+    def forget_old(self, keep: int, cutoff_s: int, most: int) -> None:
+        """Drop the oldest ids received before `cutoff_s`, keeping at least the last `keep`, and at most `most`."""
+        n = len(self.seen) // _DIGEST
+        drop = n - most if n > most else 0
+        stamps = self.stamps
+        while drop < n - keep and int.from_bytes(stamps[drop * _STAMP:(drop + 1) * _STAMP], "little") < cutoff_s:
+            drop += 1
+        if drop:
+            self.seen = self.seen[drop * _DIGEST:]
+            self.stamps = stamps[drop * _STAMP:]
 
 
 def encode_snapshot(state: UserState, context: bytes | None) -> bytes:
-    """msgpack [version, seen, caps, context-msgpack-or-nil]."""
+    """msgpack [version, seen, stamps, caps [[cap id, period, n], ...], context-msgpack-or-nil]."""
     caps = [[i, p, n] for i, periods in sorted(state.caps.items()) for p, n in sorted(periods.items())] \
         if state.caps else []
-    blob: bytes = msgpack.packb([SNAPSHOT_VERSION, state.seen, caps, context], use_bin_type=True)
+    blob: bytes = msgpack.packb([SNAPSHOT_VERSION, state.seen, state.stamps, caps, context], use_bin_type=True)
     return blob
 
 
 def decode_snapshot(blob: bytes) -> tuple[UserState, bytes | None]:
-    """The inverse of encode_snapshot; raises StateError for anything else."""
+    """The inverse of encode_snapshot; raises StateError for anything else.
+
+    A version 1 snapshot (no receive times, caps counted by position) decodes with every id received at time 0
+    and integer cap keys, which the engine maps to the cap at that position of the campaign."""
     try:
         v: Any = msgpack.unpackb(blob, raw=False)
-        version, seen, caps, context = v
+        if v[0] == 1:
+            version, seen, caps, context = v
+            stamps = bytes(_STAMP * (len(seen) // _DIGEST))
+        else:
+            version, seen, stamps, caps, context = v
     except Exception as e:  # noqa: BLE001 - any decoding failure is a bad snapshot
         raise StateError(f"cannot decode user snapshot: {e}") from None
-    if version != SNAPSHOT_VERSION:
+    if version not in (1, SNAPSHOT_VERSION):
         raise StateError(f"user snapshot version {version!r} is not supported (expected {SNAPSHOT_VERSION})")
-    counters: dict[int, dict[int, int]] = {}
+    if len(seen) % _DIGEST or len(stamps) != len(seen) // _DIGEST * _STAMP:
+        raise StateError("user snapshot: dedup ids and receive times do not match")
+    counters: dict[Any, dict[int, int]] = {}
     for i, p, n in caps:
-        counters.setdefault(int(i), {})[int(p)] = int(n)
-    return UserState(bytes(seen), counters or None), context
+        counters.setdefault(i, {})[int(p)] = int(n)
+    return UserState(bytes(seen), bytes(stamps), counters or None), context

@@ -40,13 +40,25 @@ B = TypeVar("B", bound=Prepared)
 
 
 class BatchCore(Protocol[B]):
-    """What the batcher drives: decide (touches engine state), commit (touches none), forget users."""
+    """What the batcher drives. `prepare` decides (touches engine state, no I/O in its decide loop), `commit`
+    writes (touches no engine state, runs on the commit thread), `forget` drops users from memory so that they
+    are reloaded from the store; `keys_of` names the users events touch. `recover` (a worker thread, I/O
+    allowed) is given what a failed prepare raised and says whether preparing again may succeed (a budget
+    lease was short: it leases more). `needs_prefetch`/`prefetch` do I/O between batches (lease top-ups)."""
 
     def prepare(self, events: list[Any]) -> B: ...
 
     def commit(self, batch: B) -> None: ...
 
     def forget(self, keys: set[str]) -> None: ...
+
+    def keys_of(self, events: list[Any]) -> set[str]: ...
+
+    def recover(self, error: Exception) -> bool: ...
+
+    def needs_prefetch(self) -> bool: ...
+
+    def prefetch(self) -> None: ...
 
 
 _Waiter = tuple[list[Any], "asyncio.Future[list[dict[str, Any]]]"]
@@ -56,8 +68,11 @@ class MicroBatcher(Generic[B]):
     """Micro-batches for one core; use from one event loop."""
 
     def __init__(self, core: BatchCore[B], max_events: int, max_wait_s: float,
-                 on_committed: Callable[[B], None] | None = None) -> None:
+                 on_committed: Callable[[B], None] | None = None, answer_timeout_s: float = 120.0,
+                 prepare_attempts: int = 3) -> None:
         self.core = core
+        self.answer_timeout_s = answer_timeout_s
+        self.prepare_attempts = prepare_attempts
         self.max_events = max_events
         self.max_wait_s = max_wait_s
         self.on_committed = on_committed
@@ -68,6 +83,7 @@ class MicroBatcher(Generic[B]):
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")  # one: ordered commits
         self._inflight: asyncio.Future[None] | None = None  # the commit of self._decided[0], if running
         self._decided: list[tuple[B, list[_Waiter]]] = []  # decided, not yet answered (oldest first)
+        self._preparing: list[Any] | None = None  # the events of a batch being decided
         self.loop_deaths = 0  # times the loop died of an error (and was restarted by the next submit)
 
     @property
@@ -83,7 +99,11 @@ class MicroBatcher(Generic[B]):
         self.queued += len(events)
         assert self._wake is not None
         self._wake.set()
-        return await fut
+        try:
+            return await asyncio.wait_for(fut, self.answer_timeout_s)
+        except asyncio.TimeoutError:
+            raise BatcherError(f"no answer within {self.answer_timeout_s:g} s (the batch may still commit); "
+                               "retry with the same ids") from None
 
     async def drain(self) -> None:
         """Wait until everything queued so far has been answered."""
@@ -117,7 +137,12 @@ class MicroBatcher(Generic[B]):
         keys: set[str] = set()
         for batch, _ in decided:
             keys |= batch.dirty
+        if self._preparing is not None:
+            keys |= self.core.keys_of(self._preparing)
+            self._preparing = None
         inflight, self._inflight = self._inflight, None
+        if not keys:
+            return
         if inflight is None:
             self.core.forget(keys)
         else:
@@ -149,19 +174,49 @@ class MicroBatcher(Generic[B]):
                 take.append(item)
                 n += len(item[0])
             self.queued -= n
-            try:
-                batch = self.core.prepare([e for evs, _ in take for e in evs])
-            except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
-                self._fail(take, e)
+            events = [e for evs, _ in take for e in evs]
+            self._preparing = events
+            batch = await self._prepare(events, take)
+            self._preparing = None
+            if batch is None:
                 continue
             self._decided.append((batch, take))
             if self._inflight is not None and not await self._settle():
-                self._decided.remove((batch, take))
+                self._decided.pop()  # this batch, decided on top of a commit that failed
                 self.core.forget(batch.dirty)
                 self._fail(take, BatcherError("the previous batch failed to commit; retry"))
                 continue
             self._inflight = loop.run_in_executor(self._committer, self.core.commit, batch)
             await asyncio.sleep(0)  # let new callers in while the commit runs
+
+    async def _prepare(self, events: list[Any], take: list[_Waiter]) -> B | None:
+        """Decide a batch; None (its callers failed) when it cannot be. A failed prepare leaves no trace: once
+        the commit in flight has settled (the store then holds everything decided before this batch), every
+        user the batch touched is forgotten, so nothing half-decided reaches a later commit."""
+        if self.core.needs_prefetch():
+            try:
+                await asyncio.to_thread(self.core.prefetch)
+            except Exception as e:  # noqa: BLE001 - decide anyway; a short lease asks again through recover
+                log.warning("prefetch before a batch failed: %s", e)
+        for attempt in range(self.prepare_attempts):
+            try:
+                return self.core.prepare(events)
+            except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
+                error: Exception = e
+            if self._inflight is not None:
+                await self._settle()
+            self.core.forget(self.core.keys_of(events))
+            retry = False
+            if attempt + 1 < self.prepare_attempts:
+                try:
+                    retry = await asyncio.to_thread(self.core.recover, error)
+                except Exception as e:  # noqa: BLE001 - recovering failed too: fail the batch with that
+                    error = e
+            if not retry:
+                self._fail(take, error)
+                return None
+        self._fail(take, BatcherError(f"the batch could not be decided in {self.prepare_attempts} attempts"))
+        return None
 
     async def _settle(self) -> bool:
         """Wait for the commit in flight (of the oldest decided batch) and answer its callers; False if it

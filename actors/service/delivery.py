@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import threading
@@ -28,7 +29,7 @@ from playbus.actors.service.errors import ServiceError
 from playbus.actors.store.outbox import GROUP, Outbox, Settlement
 from playbus.config.schema import TargetConfig
 
-__all__ = ["GROUP", "DeliveryError", "Deliverer", "backoff_delay"]
+__all__ = ["GROUP", "RETRY_STATUSES", "DeliveryError", "Deliverer", "backoff_delay", "signature"]
 
 _log = logging.getLogger(__name__)
 
@@ -49,6 +50,16 @@ def backoff_delay(action_id: str, failures: int, base_s: float, max_s: float) ->
     return ceiling * (0.5 + 0.5 * int.from_bytes(h, "big") / 2.0**64)
 
 
+# Answers worth another try: a timeout, a conflict or lock an idempotent receiver reports while it is still
+# working on the same key, too early, too many requests, and every 5xx.
+RETRY_STATUSES = frozenset({408, 409, 423, 425, 429})
+
+
+def signature(secret: str, body: bytes) -> str:
+    """The X-Playbus-Signature value: "sha256=" + hex HMAC-SHA256 of the exact body bytes."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
 @dataclass(slots=True)
 class _Job:
     kg: int
@@ -58,6 +69,7 @@ class _Job:
     target: TargetConfig | None
     gameplay: str
     attempts: int  # failed attempts before this one
+    first_ms: int = 0  # when the first attempt was made (0: this is the first)
     error: str = ""  # set when the entry cannot be delivered at all (dead-lettered at once)
 
 
@@ -67,6 +79,7 @@ class _Outcome:
     status: str  # "ok" | "stream" | "retry" | "permanent"
     error: str = ""
     retry_after: float = 0.0
+    started_ms: int = 0  # when this attempt started
 
 
 class Deliverer:
@@ -84,8 +97,8 @@ class Deliverer:
         targets: Mapping[str, TargetConfig],
         key_groups: list[int] | int,
         consumer: str,
-        base_backoff_s: float = 0.2,
-        max_backoff_s: float = 30.0,
+        base_backoff_s: float = 0.5,
+        max_backoff_s: float = 60.0,
         dead_stream: str = "playbus:dead",
         *,
         batch: int = 100,
@@ -119,6 +132,7 @@ class Deliverer:
             raise DeliveryError(f"claim_idle_s must be positive, got {claim_idle_s}")
         self.outbox = Outbox(redis_client, groups, consumer, dead_stream)
         self._stats = {"delivered": 0, "retried": 0, "dead": 0, "claimed": 0}
+        self.by_target: dict[str, dict[str, int]] = {}  # gameplay -> delivered / retried / dead
         self._stop = threading.Event()
         self._recovered = False  # this consumer's own pending entries are read once, on the first poll
         self._held: set[tuple[int, str]] = set()  # (kg, entry) read and not yet settled: leases to renew
@@ -221,7 +235,7 @@ class Deliverer:
                 claim=("own" if own else "idle") if claims or own else None,
                 claim_idle_ms=int(self.claim_idle_s * 1000), count=self.batch)
             fresh = [f for f in found if (f.kg, f.entry) not in self._held]
-            jobs.extend(self._job(f.kg, f.entry, f.raw, f.attempts) for f in fresh)
+            jobs.extend(self._job(f.kg, f.entry, f.raw, f.attempts, f.first_ms) for f in fresh)
             self._stats["claimed"] += sum(1 for f in fresh if f.claimed)
             self._recovered = True
             if retries:
@@ -233,20 +247,20 @@ class Deliverer:
         self._held.update((j.kg, j.entry) for j in jobs)
         return jobs
 
-    def _job(self, kg: int, entry_id: str, body: bytes, attempts: int) -> _Job:
+    def _job(self, kg: int, entry_id: str, body: bytes, attempts: int, first_ms: int = 0) -> _Job:
         try:
             action = json.loads(body)
             aid, gameplay = action["id"], action["type"].split(".", 1)[0]
             if not isinstance(aid, str):
                 raise TypeError("id")
         except (ValueError, KeyError, TypeError, AttributeError):
-            return _Job(kg, entry_id, body, entry_id, None, "", attempts,
+            return _Job(kg, entry_id, body, entry_id, None, "", attempts, first_ms,
                         "outbox entry is not an action JSON with string 'id' and 'type'")
         target = self.targets.get(gameplay)
         if target is None:
-            return _Job(kg, entry_id, body, aid, None, gameplay, attempts,
+            return _Job(kg, entry_id, body, aid, None, gameplay, attempts, first_ms,
                         f"no target configured for gameplay {gameplay!r}")
-        return _Job(kg, entry_id, body, aid, target, gameplay, attempts)
+        return _Job(kg, entry_id, body, aid, target, gameplay, attempts, first_ms)
 
     def _settle(self, outcomes: Iterable[_Outcome]) -> None:
         """Record what the attempts gave (Outbox.settle, one pipeline). Held no more either way: if Redis fails
@@ -257,9 +271,9 @@ class Deliverer:
         s = Settlement()
         wall_ms = int(time.time() * 1000)
         now = time.monotonic()
-        counts = {"delivered": 0, "retried": 0, "dead": 0}
         for o in outcomes:
             j = o.job
+            counts = self.by_target.setdefault(j.gameplay, {"delivered": 0, "retried": 0, "dead": 0})
             if o.status in ("ok", "stream"):
                 if o.status == "stream" and j.target is not None and j.target.stream:
                     s.to_streams.append((j.target.stream, j.raw))
@@ -267,19 +281,29 @@ class Deliverer:
                 s.delivered.append((j.kg, j.entry, j.aid))
                 continue
             failures = j.attempts + 1
-            limit = j.target.max_attempts if j.target is not None else 1
-            if o.status == "permanent" or failures >= limit:
+            first_ms = j.first_ms or o.started_ms or wall_ms
+            if o.status == "permanent" or self._given_up(j.target, failures, first_ms, wall_ms):
                 s.dead.append((j.kg, j.entry, j.aid, j.raw, o.error, failures))
                 counts["dead"] += 1
             else:
                 delay = max(backoff_delay(j.aid, failures, self.base_backoff_s, self.max_backoff_s),
                             min(o.retry_after, self.max_backoff_s))
-                s.later.append((j.kg, j.entry, j.aid, failures, wall_ms + int(delay * 1000)))
+                s.later.append((j.kg, j.entry, j.aid, failures, first_ms, wall_ms + int(delay * 1000)))
                 self._next_retry_scan = min(self._next_retry_scan, now + delay)
                 counts["retried"] += 1
         self.outbox.settle(s)
-        for k, v in counts.items():
-            self._stats[k] += v
+        self._stats["delivered"] += len(s.delivered)
+        self._stats["dead"] += len(s.dead)
+        self._stats["retried"] += len(s.later)
+
+    @staticmethod
+    def _given_up(target: TargetConfig | None, failures: int, first_ms: int, now_ms: int) -> bool:
+        """Dead-letter after `max_attempts` attempts (when set), or once `retry_for` has passed since the first."""
+        if target is None:
+            return True
+        if target.max_attempts is not None and failures >= target.max_attempts:
+            return True
+        return now_ms - first_ms >= target.retry_for_s * 1000
 
     # -- HTTP side (event loop) --------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -298,8 +322,11 @@ class Deliverer:
         sem = self._sems.get(job.gameplay)
         if sem is None:
             sem = self._sems[job.gameplay] = asyncio.Semaphore(self.concurrency)
-        headers = {"Idempotency-Key": job.aid, "Content-Type": "application/json"}
+        headers = {**t.headers, "Idempotency-Key": job.aid, "Content-Type": "application/json"}
+        if t.secret:
+            headers["X-Playbus-Signature"] = signature(t.secret, job.raw)
         async with sem:  # the timeout starts inside: waiting for a slot is not the target's fault
+            started = int(time.time() * 1000)
             try:
                 async with http.post(t.webhook, data=job.raw, headers=headers,
                                      timeout=aiohttp.ClientTimeout(total=t.timeout_s)) as resp:
@@ -307,13 +334,13 @@ class Deliverer:
                     body = await resp.read()
                     retry_after = resp.headers.get("Retry-After", "")
             except asyncio.TimeoutError:
-                return _Outcome(job, "retry", f"timeout after {t.timeout_s:g} s")
+                return _Outcome(job, "retry", f"timeout after {t.timeout_s:g} s", started_ms=started)
             except Exception as e:  # connection refused/reset, bad URL, ...: all worth another try
-                return _Outcome(job, "retry", f"{type(e).__name__}: {e}"[:300])
+                return _Outcome(job, "retry", f"{type(e).__name__}: {e}"[:300], started_ms=started)
         if 200 <= status < 300:
             return _Outcome(job, "ok")
         error = f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
-        if 400 <= status < 500 and status not in (408, 429):
-            return _Outcome(job, "permanent", error)
+        if 400 <= status < 500 and status not in RETRY_STATUSES:
+            return _Outcome(job, "permanent", error, started_ms=started)
         wait = float(retry_after) if retry_after.strip().replace(".", "", 1).isdigit() else 0.0
-        return _Outcome(job, "retry", error, wait)
+        return _Outcome(job, "retry", error, wait, started_ms=started)

@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 
+from playbus.actors.engine.budgets import BudgetShortage
 from playbus.actors.engine.decisions import Decision
 from playbus.actors.engine.engine import ShardEngine
 from playbus.actors.engine.keys import groups_of_shard, user_key
@@ -90,17 +91,51 @@ class ShardCore:
         return batch.results
 
     def prepare(self, events: list[Any], now_ms: int | None = None) -> PreparedBatch:
-        """Load missing users, decide, and build the commit (no write yet). Runs on the actor's thread."""
+        """Load missing users, decide, and build the commit (no write yet). Runs on the actor's thread.
+
+        The decide loop does no I/O: budgets are spent from local leases. A batch that overdrew a lease is
+        rolled back and raises BudgetShortage (the batcher forgets its users, `recover` leases the deficit,
+        and the batch is decided again); any failure rolls back this batch's budget spending."""
         now = int(time.time() * 1000) if now_ms is None else now_ms
         eng = self.engine
-        missing = eng.missing(events)
-        if missing:
-            for key, blob in self.store.load(missing).items():
-                eng.restore(key, blob)
-        outcome = eng.process(events, now)
-        dirty = eng.take_dirty()
-        return PreparedBatch(outcome.results, dirty, eng.snapshot(dirty), outcome.journal, outcome.actions,
-                             outcome.failed, len(events))
+        mark = self.budgets.mark()
+        try:
+            missing = eng.missing(events)
+            if missing:
+                for key, blob in self.store.load(missing).items():
+                    eng.restore(key, blob)
+            outcome = eng.process(events, now)
+            deficit = self.budgets.deficit()
+            if deficit:
+                raise BudgetShortage(
+                    "budget leases too short for this batch: " + ", ".join(f"{c}/{b} by {n}" for (c, b), n in
+                                                                        sorted(deficit.items())),
+                    ";".join(f"{c}\x00{b}={n}" for (c, b), n in deficit.items()))
+            dirty = eng.take_dirty()
+            return PreparedBatch(outcome.results, dirty, eng.snapshot(dirty), outcome.journal, outcome.actions,
+                                 outcome.failed, len(events))
+        except BaseException:
+            self.budgets.rollback(mark)
+            raise
+
+    def keys_of(self, events: list[Any]) -> set[str]:
+        """The user keys these events touch (whatever their validity)."""
+        return {user_key(e["campaign"], e["user"]) for e in events
+                if type(e) is dict and type(e.get("campaign")) is str and type(e.get("user")) is str}
+
+    def recover(self, error: Exception) -> bool:
+        """After a failed prepare: lease what a short batch needs (I/O); True if deciding again may succeed."""
+        if isinstance(error, BudgetShortage):
+            self.budgets.refill(error.amounts())
+            return True
+        return False
+
+    def needs_prefetch(self) -> bool:
+        return self.budgets.needs_prefill()
+
+    def prefetch(self) -> None:
+        """Between batches: top low budget leases up, so that batches rarely overdraw."""
+        self.budgets.prefill()
 
     def commit(self, batch: PreparedBatch) -> None:
         """Write a prepared batch to Redis. Touches no engine state, so it may run on another thread while

@@ -1,19 +1,26 @@
 """LeasedBudgets: campaign budgets shared by all shards, leased from Redis in blocks and spent locally.
 
-Each budget is a Redis counter `playbus:budget:{<campaign>:<name>}` of what no shard holds yet. A shard
-takes a block with one atomic script and spends it in memory (no network call per grant); Redis only
-ever hands out what it has, so the shards together never overspend. Near the end blocks shrink to a
-fraction of what is left, and a shard that cannot get a block asks for exactly what it needs, so little
-stays stranded in other shards' leases. `release()` gives unused leases back.
+Each budget is a Redis counter `playbus:budget:{<campaign>:<name>}` of what no shard holds yet. A shard takes
+a block with one atomic script and spends it in memory; Redis only ever hands out what it has, so the shards
+together never overspend. Spending does no I/O (the engine's decide loop stays pure):
 
-Limits (by design): the counter is initialised once to `total` (SET NX); changing `total` in the config
-later does not change it (adjust the counter by hand). A lease held by a shard that crashes is lost to the
-campaign (an underspend, never an overspend); so is budget spent for a batch whose commit then failed.
-One instance per shard, used by one thread.
+- `try_spend` takes from the local lease. When the lease is short and Redis may hold more, it lets the lease
+  go below zero (an overdraft) instead of refusing; after the batch, `deficit()` says how much is missing and
+  the shard rolls the batch back (`mark`/`rollback`), leases the deficit (`refill`, I/O, between batches) and
+  decides the batch again. When Redis has nothing left, the budget is `exhausted`: grants that the lease
+  cannot cover are then refused, until a later look finds more (a top-up).
+- `prefill` tops low leases up between batches, so that overdrafts stay rare.
+
+Near the end blocks shrink to a fraction of what is left, so little stays stranded in other shards' leases.
+`release()` gives unused leases back. A lease held by a shard that crashes, and budget spent by a batch whose
+commit failed, is lost to the campaign: an underspend, never an overspend. One instance per shard, used by
+one thread at a time.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -23,13 +30,17 @@ from playbus.config.schema import Config
 
 __all__ = ["LeasedBudgets", "budget_key"]
 
+_Key = tuple[str, str]
+RECHECK_S = 2.0  # how long an exhausted budget is believed before Redis is asked again (a top-up may have come)
+
+
 def budget_key(campaign: str, name: str) -> str:
     """The Redis counter of one budget; the hash tag keeps it in one slot on Redis Cluster."""
     return f"playbus:budget:{{{campaign}:{name}}}"
 
 
 class LeasedBudgets:
-    """The Budgets protocol over Redis: exact across shards, one round trip per block, not per grant."""
+    """The Budgets protocol over Redis: exact across shards, one round trip per block, never one per grant."""
 
     def __init__(
         self,
@@ -43,9 +54,10 @@ class LeasedBudgets:
             raise ValueError("block_fraction must be in (0, 1]")
         self.client = client
         self.spread = max(1, spread)
-        self.leased: dict[tuple[str, str], int] = {}
-        self.blocks: dict[tuple[str, str], int] = {}
-        self.keys: dict[tuple[str, str], str] = {}
+        self.leased: dict[_Key, int] = {}
+        self.blocks: dict[_Key, int] = {}
+        self.keys: dict[_Key, str] = {}
+        self.exhausted: dict[_Key, float] = {}  # budget -> when Redis last had too little for a deficit
         self.round_trips = 0
         self._lease = client.register_script(lua("lease"))
         pipe = client.pipeline(transaction=False)
@@ -60,33 +72,79 @@ class LeasedBudgets:
             pipe.execute()
             self.round_trips += 1
 
-    def try_spend(self, campaign: str, budget: str, amount: Any) -> bool:
-        """Take `amount` from the local lease, leasing more from Redis when it runs short."""
-        if type(amount) is not int:
-            if type(amount) is float and amount.is_integer():
-                amount = int(amount)
-            else:
-                return False
-        k = (campaign, budget)
-        have = self.leased.get(k)
-        if have is None or amount < 0:
-            return False
-        if amount <= have:
-            self.leased[k] = have - amount
-            return True
-        need = amount - have
-        taken = self._take(k, max(need, self.blocks[k]), need)
-        if taken < need:  # the script gives `need` or more, or nothing
-            return False
-        self.leased[k] = have + taken - amount
-        return True
+    # -- spending (no I/O) -------------------------------------------------------------------------
+    def try_spend(self, campaign: str, spends: Sequence[tuple[str, Any]]) -> str:
+        """Take every (budget, amount) or none; "" or the name of a budget that refuses. Overdraws a budget
+        that Redis may still cover (see the module docstring): check `deficit()` after the batch."""
+        leased, exhausted = self.leased, self.exhausted
+        for budget, amount in spends:
+            if type(amount) is not int or amount < 0:
+                return budget
+            have = leased.get((campaign, budget))
+            if have is None or (amount > have and (campaign, budget) in exhausted):
+                return budget
+        for budget, amount in spends:
+            leased[(campaign, budget)] -= amount
+        return ""
 
-    def _take(self, k: tuple[str, str], block: int, need: int) -> int:
+    def deficit(self) -> dict[_Key, int]:
+        """How much each overdrawn budget is short by (empty when no lease went below zero)."""
+        return {k: -v for k, v in self.leased.items() if v < 0}
+
+    def mark(self) -> dict[_Key, int]:
+        """The leases now, to roll a batch's spending back to."""
+        return dict(self.leased)
+
+    def rollback(self, mark: dict[_Key, int]) -> None:
+        """Undo what was spent since `mark` (for a batch that will be decided again, or not committed at all)."""
+        self.leased = dict(mark)
+
+    # -- leasing (I/O, between batches) ------------------------------------------------------------
+    def needs_prefill(self) -> bool:
+        """True when a lease is below half a block, or an exhausted budget is due for a new look."""
+        now = time.monotonic()
+        for k, have in self.leased.items():
+            when = self.exhausted.get(k)
+            if when is None:
+                if have < self.blocks[k] // 2 + 1:
+                    return True
+            elif now - when > RECHECK_S:
+                return True
+        return False
+
+    def prefill(self) -> bool:
+        """Top low leases up to a block (and look again at exhausted budgets); True if a lease grew."""
+        now = time.monotonic()
+        wants = {k: 0 for k, have in self.leased.items()
+                 if (k not in self.exhausted and have < self.blocks[k] // 2 + 1)
+                 or (k in self.exhausted and now - self.exhausted[k] > RECHECK_S)}
+        return self.refill(wants) if wants else False
+
+    def refill(self, needs: dict[_Key, int]) -> bool:
+        """Lease at least `needs[k]` more of each budget (a block when Redis can spare one), in one round
+        trip. A budget whose counter had less than its need gives what it had; a counter left at zero marks the
+        budget exhausted. Returns True if any lease grew."""
+        keys = list(needs)
+        if not keys:
+            return False
+        pipe = self.client.pipeline(transaction=False)
+        for k in keys:
+            need = max(0, needs[k])
+            self._lease(keys=[self.keys[k]], args=[max(need + self.blocks[k], self.blocks[k]), need, self.spread],
+                        client=pipe)
         self.round_trips += 1
-        taken, _left = self._lease(keys=[self.keys[k]], args=[block, need, self.spread])
-        return int(taken)
+        grew = False
+        now = time.monotonic()
+        for k, (taken, left) in zip(keys, pipe.execute(), strict=True):
+            self.leased[k] += int(taken)
+            grew = grew or int(taken) > 0
+            if int(left) <= 0:  # Redis has nothing more: what the lease cannot cover is refused
+                self.exhausted[k] = now
+            else:
+                self.exhausted.pop(k, None)
+        return grew
 
-    def release(self) -> dict[tuple[str, str], int]:
+    def release(self) -> dict[_Key, int]:
         """Give every unused lease back to Redis (on shutdown or when giving up key groups)."""
         back = {k: v for k, v in self.leased.items() if v > 0}
         if not back:
@@ -100,6 +158,7 @@ class LeasedBudgets:
             self.leased[k] = 0
         return back
 
+    # -- reading -----------------------------------------------------------------------------------
     def remaining(self, campaign: str, name: str) -> int:
         """What Redis still holds for this budget (not counting what shards have leased and not spent)."""
         self.round_trips += 1

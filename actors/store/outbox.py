@@ -3,7 +3,7 @@
 Keys (a key group's hash tag keeps its keys in one Redis Cluster slot):
     playbus:{kg17}:outbox    stream  field "action" = action JSON (the shards' commits add it); consumer group
                                      "delivery"; an entry stays pending until it is settled
-    playbus:{kg17}:attempts  hash    action id -> failed attempts so far
+    playbus:{kg17}:attempts  hash    action id -> "<failed attempts>:<first attempt, ms since epoch>"
     playbus:{kg17}:retry     zset    outbox entry id -> when (ms since epoch) to try it again
     playbus:dead             stream  fields action, error, attempts, kg, entry: the actions given up
 Settling writes the target stream / dead-letter entry first and XACK+XDEL last, so a crash at any point leaves
@@ -33,6 +33,16 @@ def _text(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
+def _attempts(v: bytes | str | int) -> tuple[int, int]:
+    """(failed attempts, first attempt ms) of an attempts-hash value; (n, 0) for a bare count."""
+    text = v.decode() if isinstance(v, bytes) else str(v)
+    n, _, first = text.partition(":")
+    try:
+        return int(n or 0), int(first or 0)
+    except ValueError:
+        return 0, 0
+
+
 @dataclass(slots=True)
 class Found:
     """An outbox entry read for delivery."""
@@ -41,6 +51,7 @@ class Found:
     entry: str
     raw: bytes  # the action JSON as stored
     attempts: int  # failed attempts so far
+    first_ms: int = 0  # when the first attempt was made (0: never attempted)
     claimed: bool = False  # taken over from another (or a previous) consumer
 
 
@@ -52,8 +63,8 @@ class Settlement:
     to_streams: list[tuple[str, bytes]] = field(default_factory=list)  # (target stream, action JSON)
     dead: list[tuple[int, str, str, bytes, str, int]] = field(default_factory=list)
     # (kg, entry, action id, action JSON, error, attempts)
-    later: list[tuple[int, str, str, int, int]] = field(default_factory=list)
-    # (kg, entry, action id, failed attempts, due ms)
+    later: list[tuple[int, str, str, int, int, int]] = field(default_factory=list)
+    # (kg, entry, action id, failed attempts, first attempt ms, due ms)
 
 
 class Outbox:
@@ -115,7 +126,9 @@ class Outbox:
         out: list[Found] = []
         for (kg, claimed), found in zip(calls, pipe.execute(), strict=True):
             for e, raw, n in found:
-                out.append(Found(kg, _text(e), raw.encode() if isinstance(raw, str) else raw, int(n), claimed))
+                failures, first_ms = _attempts(n)
+                out.append(Found(kg, _text(e), raw.encode() if isinstance(raw, str) else raw, failures, first_ms,
+                                 claimed))
         return out
 
     def read_new(self, count: int, block_ms: int | None) -> list[Found]:
@@ -149,9 +162,9 @@ class Outbox:
             pipe.xadd(self.dead_stream, {"action": raw, "error": error, "attempts": attempts, "kg": kg,
                                          "entry": entry, "consumer": consumer_note or self.consumer})
             done.setdefault(kg, []).append((entry, aid))
-        for kg, entry, aid, failures, due_ms in s.later:
+        for kg, entry, aid, failures, first_ms, due_ms in s.later:
             p = self._keys[kg]
-            pipe.hset(p + "attempts", aid, failures)
+            pipe.hset(p + "attempts", aid, f"{failures}:{first_ms}")
             pipe.zadd(p + "retry", {entry: due_ms})
         for kg, items in done.items():
             p = self._keys[kg]

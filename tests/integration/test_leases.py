@@ -17,6 +17,20 @@ from tests.support.configs import make_config as build
 PAY = 'function decide(event, ctx) emit("wallet.grant_cash", {amount_cents = 1}) end'
 
 
+def spend(budgets: LeasedBudgets, amount: object, budget: str = "cash", campaign: str = "c1") -> bool:
+    """What a shard does around one decide: spend locally; when the lease was overdrawn, roll back, lease the
+    deficit, and decide again."""
+    for _ in range(3):
+        mark = budgets.mark()
+        refused = budgets.try_spend(campaign, [(budget, amount)])
+        deficit = budgets.deficit()
+        if not deficit:
+            return not refused
+        budgets.rollback(mark)
+        budgets.refill(deficit)
+    raise AssertionError("still short after three refills")
+
+
 def make_config(tmp_path: Path, total: int) -> Config:
     return build(tmp_path, {"pay": PAY}, [{"id": "pay", "on": "task.completed", "script": "pay",
                                           "emits": ["wallet.grant_cash"]}],
@@ -38,7 +52,7 @@ def spend_concurrently(server: RedisServer, config: Config, shards: int, max_amo
         refusals = 0
         while refusals < 20:
             amount = rng.randint(1, max_amount)
-            if budgets[i].try_spend("c1", "cash", amount):
+            if spend(budgets[i], amount):
                 spent[i] += amount
                 refusals = 0
             else:
@@ -81,44 +95,77 @@ def test_small_budget_is_never_overspent_under_contention(redis_server: RedisSer
             c.close()
 
 
+def test_spending_does_no_io_and_an_overdraft_is_covered_by_one_refill(clean_redis: Any, tmp_path: Path) -> None:
+    budgets = LeasedBudgets(clean_redis, make_config(tmp_path, 10_000), block_fraction=0.05)
+    trips = budgets.round_trips
+    mark = budgets.mark()
+    for _ in range(3):  # a batch of three grants of 100 on an empty lease: no Redis call, an overdraft
+        assert budgets.try_spend("c1", [("cash", 100)]) == ""
+    assert budgets.round_trips == trips and budgets.deficit() == {("c1", "cash"): 300}
+    budgets.rollback(mark)
+    assert budgets.refill(budgets.deficit() or {("c1", "cash"): 300})
+    # the deficit and a block of 500, at most a 1/16 share of what Redis holds
+    assert budgets.held("c1", "cash") == 625 and budgets.remaining("c1", "cash") == 9_375
+
+
+def test_prefill_tops_a_low_lease_up_between_batches(clean_redis: Any, tmp_path: Path) -> None:
+    budgets = LeasedBudgets(clean_redis, make_config(tmp_path, 10_000), block_fraction=0.05)
+    assert budgets.needs_prefill()
+    assert budgets.prefill() and budgets.held("c1", "cash") == 500
+    assert not budgets.needs_prefill()
+    assert budgets.try_spend("c1", [("cash", 300)]) == "" and budgets.needs_prefill()
+
+
 def test_release_gives_unused_leases_back(clean_redis: Any, tmp_path: Path) -> None:
     budgets = LeasedBudgets(clean_redis, make_config(tmp_path, 10_000), block_fraction=0.05)
-    assert budgets.try_spend("c1", "cash", 1)
-    assert budgets.held("c1", "cash") == 499  # the rest of a 500 block
-    assert budgets.remaining("c1", "cash") == 9_500
-    assert budgets.release() == {("c1", "cash"): 499}
+    assert spend(budgets, 1)
+    assert budgets.held("c1", "cash") == 500  # a 500 block on top of the 1 needed, 1 spent
+    assert budgets.remaining("c1", "cash") == 9_499
+    assert budgets.release() == {("c1", "cash"): 500}
     assert budgets.remaining("c1", "cash") == 9_999
     assert budgets.held("c1", "cash") == 0
     assert budgets.release() == {}
 
 
-def test_asks_for_exactly_what_is_needed_when_a_block_cannot_be_had(clean_redis: Any, tmp_path: Path) -> None:
+def test_takes_what_is_left_when_a_block_cannot_be_had_then_refuses(clean_redis: Any, tmp_path: Path) -> None:
     budgets = LeasedBudgets(clean_redis, make_config(tmp_path, 1_000), block_fraction=0.5)
     other = LeasedBudgets(clean_redis, make_config(tmp_path, 1_000), block_fraction=0.5)
-    assert other.try_spend("c1", "cash", 990)  # leaves 10 in Redis
-    assert budgets.try_spend("c1", "cash", 7)  # no block of 500 left: takes exactly 7
-    assert budgets.held("c1", "cash") == 0
-    assert not budgets.try_spend("c1", "cash", 4)  # 3 left: refused, nothing taken
-    assert budgets.remaining("c1", "cash") == 3
-    assert budgets.try_spend("c1", "cash", 3)
-    assert budgets.remaining("c1", "cash") == 0
+    assert spend(other, 990)  # leaves 10 in Redis
+    assert spend(budgets, 7)  # no block of 500 left: takes what it needs or what is left
+    assert budgets.held("c1", "cash") + budgets.remaining("c1", "cash") == 3
+    assert not spend(budgets, 4)  # 3 left: refused
+    assert spend(budgets, 3)
+    assert budgets.remaining("c1", "cash") + budgets.held("c1", "cash") == 0
+    assert not spend(budgets, 1) and budgets.round_trips < 12
+
+
+def test_an_exhausted_budget_is_looked_at_again_after_a_while(clean_redis: Any, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    budgets = LeasedBudgets(clean_redis, make_config(tmp_path, 10), block_fraction=1)
+    assert spend(budgets, 10) and not spend(budgets, 1)
+    assert not budgets.needs_prefill()  # believed exhausted for a while
+    clean_redis.incrby(budget_key("c1", "cash"), 50)  # an operator's top-up
+    monkeypatch.setattr("playbus.actors.store.leases.RECHECK_S", 0.0)
+    assert budgets.needs_prefill() and budgets.prefill()
+    assert spend(budgets, 1)
 
 
 def test_refuses_bad_amounts_and_unknown_budgets(clean_redis: Any, tmp_path: Path) -> None:
     budgets = LeasedBudgets(clean_redis, make_config(tmp_path, 100))
-    assert not budgets.try_spend("c1", "cash", 101)
-    assert not budgets.try_spend("c1", "cash", -1)
-    assert not budgets.try_spend("c1", "cash", "5")
-    assert not budgets.try_spend("c1", "cash", True)
-    assert not budgets.try_spend("c1", "points", 1)
-    assert not budgets.try_spend("c2", "cash", 1)
-    assert budgets.try_spend("c1", "cash", 2.0)
+    assert not spend(budgets, 101)
+    assert not spend(budgets, -1)
+    assert not spend(budgets, "5")
+    assert not spend(budgets, True)
+    assert not spend(budgets, 2.0)
+    assert not spend(budgets, 1, budget="points")
+    assert not spend(budgets, 1, campaign="c2")
+    assert spend(budgets, 2)
     assert budgets.remaining("c1", "cash") + budgets.held("c1", "cash") == 98
 
 
 def test_the_counter_is_initialised_only_once(clean_redis: Any, tmp_path: Path) -> None:
     first = LeasedBudgets(clean_redis, make_config(tmp_path, 500))
-    assert first.try_spend("c1", "cash", 100)
+    assert spend(first, 100)
     LeasedBudgets(clean_redis, make_config(tmp_path, 500))  # a shard (re)starting later
     LeasedBudgets(clean_redis, make_config(tmp_path, 9_999))  # a changed total is not applied
     assert int(clean_redis.get(budget_key("c1", "cash"))) + first.held("c1", "cash") == 400

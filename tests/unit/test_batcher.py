@@ -14,6 +14,12 @@ import pytest
 from playbus.actors.service.batcher import BatcherError, MicroBatcher
 
 
+class ShortLease(Exception):
+    def __init__(self, event_id: str) -> None:
+        super().__init__(f"lease short for {event_id}")
+        self.event_id = event_id
+
+
 @dataclass
 class Batch:
     results: list[dict[str, Any]]
@@ -36,9 +42,19 @@ class FakeCore:
         self.gate = threading.Event()
         self.gate.set()
         self.commit_started = threading.Event()
+        self.recovered: list[Exception] = []
+        self.short: set[str] = set()  # event ids whose prepare raises ShortLease (until recovered)
+        self.prefetch_due = False
+        self.prefetch_fails = False
+        self.prefetches = 0
 
     def prepare(self, events: list[Any]) -> Batch:
         self.prepared.append(list(events))
+        for e in events:
+            if e["id"] in self.short:
+                self.short.discard(e["id"])
+                self.fail_prepare.add(e["id"])
+                raise ShortLease(e["id"])
         if any(e["id"] in self.fail_prepare for e in events):
             raise RuntimeError("decide failed")
         return Batch([{"id": e["id"], "status": "applied"} for e in events], {e["user"] for e in events}, events)
@@ -52,6 +68,25 @@ class FakeCore:
 
     def forget(self, keys: set[str]) -> None:
         self.forgotten.append(set(keys))
+
+    def keys_of(self, events: list[Any]) -> set[str]:
+        return {e["user"] for e in events}
+
+    def recover(self, error: Exception) -> bool:
+        self.recovered.append(error)
+        if isinstance(error, ShortLease):
+            self.fail_prepare.discard(error.event_id)  # leased more: the batch can be decided now
+            return True
+        return False
+
+    def needs_prefetch(self) -> bool:
+        return self.prefetch_due
+
+    def prefetch(self) -> None:
+        self.prefetches += 1
+        self.prefetch_due = False
+        if self.prefetch_fails:
+            raise ConnectionError("redis down while leasing")
 
 
 def ev(i: int, user: str = "u1") -> dict[str, Any]:
@@ -178,3 +213,76 @@ def test_drain_waits_for_queued_batches() -> None:
 
     run(main())
     assert len(core.committed) == 5
+
+
+def test_a_failed_prepare_forgets_every_user_it_touched_once_the_commit_in_flight_has_settled() -> None:
+    core = FakeCore()
+    core.fail_prepare = {"e2"}
+    core.gate.clear()
+
+    async def main() -> tuple[list[Any], BaseException | None, list[set[str]]]:
+        b = MicroBatcher(core, max_events=1, max_wait_s=0)
+        first = asyncio.ensure_future(b.submit([ev(1, "alice")]))
+        await asyncio.to_thread(core.commit_started.wait, 5)
+        second = asyncio.ensure_future(b.submit([ev(2, "alice")]))
+        while len(core.prepared) < 2:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.02)
+        forgotten_while_committing = list(core.forgotten)
+        core.gate.set()
+        a, e = await asyncio.gather(first, second, return_exceptions=True)
+        assert isinstance(e, RuntimeError)
+        return a, e, forgotten_while_committing
+
+    first, _, early = run(main())
+    assert first[0]["id"] == "e1"  # the commit in flight is answered normally
+    assert early == []  # nothing was forgotten before that commit settled
+    assert core.forgotten == [{"alice"}]  # then the failed batch's user is forgotten, to be reloaded
+
+
+def test_a_prepare_that_recover_can_fix_is_decided_again() -> None:
+    core = FakeCore()
+    core.short = {"e1"}
+
+    async def main() -> list[Any]:
+        return await MicroBatcher(core, max_events=10, max_wait_s=0).submit([ev(1, "alice")])
+
+    assert run(main())[0]["id"] == "e1"
+    assert [type(e).__name__ for e in core.recovered] == ["ShortLease"]
+    assert core.forgotten == [{"alice"}] and core.committed == [["e1"]]
+
+
+def test_an_error_that_recover_cannot_fix_fails_the_callers_without_a_second_decide() -> None:
+    core = FakeCore()
+    core.fail_prepare = {"e1"}
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="decide failed"):
+            await MicroBatcher(core, max_events=10, max_wait_s=0).submit([ev(1, "alice")])
+
+    run(main())
+    assert len(core.prepared) == 1 and len(core.recovered) == 1
+
+
+def test_a_failing_prefetch_does_not_fail_the_batch() -> None:
+    core = FakeCore()
+    core.prefetch_due = True
+    core.prefetch_fails = True
+
+    async def main() -> list[Any]:
+        return await MicroBatcher(core, max_events=10, max_wait_s=0).submit([ev(1)])
+
+    assert run(main())[0]["id"] == "e1" and core.prefetches == 1
+
+
+def test_a_caller_whose_batch_never_settles_gets_an_error_after_the_answer_timeout() -> None:
+    core = FakeCore()
+    core.gate.clear()
+
+    async def main() -> None:
+        b = MicroBatcher(core, max_events=10, max_wait_s=0, answer_timeout_s=0.2)
+        with pytest.raises(BatcherError, match="no answer within 0.2 s"):
+            await b.submit([ev(1)])
+        core.gate.set()
+
+    run(main())

@@ -71,13 +71,36 @@ def test_retried_event_is_duplicate_in_same_and_later_batches(first: ShardEngine
     assert first.context("c1", "u1") == {"quiz.answered": 1}
 
 
-def test_dedup_window_is_bounded_per_user(tmp_path: Path) -> None:
-    eng = make_engine(tmp_path, {"first": FIRST_QUIZ}, [R_FIRST], dedup_window=3)
+def test_dedup_remembers_at_least_the_last_window_ids_and_forgets_older_ones_past_the_horizon(
+        tmp_path: Path) -> None:
+    eng = make_engine(tmp_path, {"first": FIRST_QUIZ}, [R_FIRST], dedup_window=3, dedup_horizon="10m")
     eng.process([ev(i) for i in range(4)], T0)
+    assert len(eng.users["c1\x00u1"].seen) == 4 * 8  # all received within the horizon: all remembered
+    later = T0 + 11 * 60_000  # 11 minutes on: e0..e3 are past the horizon, the last 3 are kept anyway
+    out = eng.process([ev(4)], later)
     assert len(eng.users["c1\x00u1"].seen) == 3 * 8
-    # e0 fell out of the 3-event window; e3 is still in it.
-    out = eng.process([ev(0), ev(3)], T0)
-    assert [r["status"] for r in out.results] == ["applied", "duplicate"]
+    out = eng.process([ev(2), ev(4), ev(0)], later)
+    assert [r["status"] for r in out.results] == ["duplicate", "duplicate", "applied"]
+
+
+def test_a_retry_within_the_horizon_is_a_duplicate_after_a_thousand_newer_events_with_the_defaults(
+        tmp_path: Path) -> None:
+    eng = make_engine(tmp_path, {"first": FIRST_QUIZ}, [R_FIRST])  # dedup_window 32, dedup_horizon 10m
+    eng.process([ev("first")], T0)
+    for b in range(10):  # 1,000 newer events of the same user over the next 9 minutes
+        eng.process([ev(f"n{b}-{i}") for i in range(100)], T0 + b * 54_000)
+    retry = eng.process([ev("first")], T0 + 9 * 60_000 + 50_000)  # 9 min 50 s after the first attempt
+    assert retry.results[0]["status"] == "duplicate"
+    eng.process([ev("later")], T0 + 25 * 60_000)  # long after, a new event: only the last 32 ids are kept
+    assert len(eng.users["c1\x00u1"].seen) == 32 * 8
+
+
+def test_dedup_memory_is_bounded_by_dedup_max_ids(tmp_path: Path) -> None:
+    eng = make_engine(tmp_path, {"first": FIRST_QUIZ}, [R_FIRST], dedup_window=2, dedup_max_ids=50)
+    eng.process([ev(i) for i in range(120)], T0)
+    assert len(eng.users["c1\x00u1"].seen) == 50 * 8 and len(eng.users["c1\x00u1"].stamps) == 50 * 4
+    out = eng.process([ev(70), ev(69)], T0)  # the oldest of the 50 kept, then one forgotten
+    assert [r["status"] for r in out.results] == ["duplicate", "applied"]
 
 
 def test_event_outside_campaign_window_is_applied_without_rules(first: ShardEngine) -> None:
@@ -148,7 +171,8 @@ def test_daily_cap_counts_in_campaign_time_zone(tmp_path: Path) -> None:
     out = eng.process(evs, T0)
     granted = [len(r["actions"]) for r in out.results]
     assert granted == [1, 1, 0, 1]
-    assert out.journal[2]["refused"][0]["reason"] == "cap: at most 2 lottery.grant_chance per user per day"
+    reason = out.journal[2]["refused"][0]["reason"]
+    assert reason == "cap:lottery.grant_chance/day/2: at most 2 lottery.grant_chance per user per day"
 
 
 def test_weekly_and_campaign_caps(tmp_path: Path) -> None:
@@ -172,7 +196,7 @@ def test_budget_is_never_overspent_and_refusal_is_journaled(tmp_path: Path) -> N
     evs.append(ev(9, type="task.completed", amount=50))
     out = eng.process(evs, T0)
     assert [len(r["actions"]) for r in out.results] == [1, 1, 0, 0, 1]
-    assert out.journal[2]["refused"][0]["reason"] == "budget: cash cannot cover amount_cents=100"
+    assert out.journal[2]["refused"][0]["reason"] == "budget:cash: cannot cover amount_cents=100"
     assert sum(a["params"]["amount_cents"] for a in out.actions) == 250
 
 

@@ -141,7 +141,7 @@ def test_task_pays_cash_by_tier_and_tier_three_unlocks_the_gold_pool(run: Run) -
 def test_fourth_cash_grant_of_a_day_is_refused_by_the_cap(run: Run) -> None:
     assert run.granted("evt-task-0004") == []
     assert run.refused("evt-task-0004") == [
-        ("wallet.grant_cash", "cap: at most 3 wallet.grant_cash per user per day"),
+        ("wallet.grant_cash", "cap:wallet.grant_cash/day/3: at most 3 wallet.grant_cash per user per day"),
     ]
     assert run.context("u-ivan") == {"task.completed": 4, "task.max_tier": 1}
 
@@ -150,7 +150,7 @@ def test_cash_budget_refuses_what_it_cannot_cover_and_is_never_overspent(run: Ru
     # Spent before ken: carol 700 + ivan 3 x 100 + judy 300 + 1000 = 2300 of 3000; 700 left.
     assert run.granted("evt-task-0007") == [chance(1, "gold", "task_tier_3")]
     assert run.refused("evt-task-0007") == [
-        ("wallet.grant_cash", "budget: cash cannot cover amount_cents=1000"),
+        ("wallet.grant_cash", "budget:cash: cannot cover amount_cents=1000"),
     ]
     # A smaller grant still fits.
     assert run.granted("evt-task-0008") == [
