@@ -74,9 +74,10 @@ class Cluster:
         if not redis_url:
             from playbus.actors.store.server import RedisServer
 
-            self.redis_server = RedisServer(dir=self.args.redis_dir).start()
+            self.redis_server = RedisServer(dir=self.args.redis_dir, appendfsync=config.durability.fsync).start()
             redis_url = self.redis_server.url
             print(f"playbus: embedded redis-server at {redis_url} (data in {self.redis_server.dir})", flush=True)
+        self._prepare_redis(config, redis_url)
 
         import ray
         from ray import serve
@@ -107,6 +108,30 @@ class Cluster:
         print(f"playbus: listening on {url}  (POST {url}/v1/events, GET {url}/healthz; "
               f"stream ingress: XADD playbus:in * event <json> on {redis_url})", flush=True)
         return url
+
+    def _prepare_redis(self, config: Any, redis_url: str) -> None:
+        """Refuse a Redis that cannot hold playbus's data (evicting, not durable as asked, another key_groups);
+        then deploy the rules' script files (a changed file becomes the active version)."""
+        import redis
+
+        from playbus.actors.service.shard import deploy_scripts
+        from playbus.actors.store.catalog import ScriptCatalog
+        from playbus.actors.store.durability import check_server
+        from playbus.actors.store.errors import StoreError
+        from playbus.actors.store.layout import check_layout
+
+        client = redis.Redis.from_url(redis_url, socket_timeout=10)
+        try:
+            check_server(client, config.durability.fsync)
+            check_layout(client, config.key_groups)
+            for name, version in deploy_scripts(ScriptCatalog(client), config):
+                print(f"playbus: script {name}: its file changed, version {version} is now active", flush=True)
+        except StoreError as e:
+            raise SystemExit(f"playbus: {self.args.config}: {e}") from None
+        except redis.RedisError as e:
+            raise SystemExit(f"playbus: cannot use Redis at {redis_url}: {e}") from None
+        finally:
+            client.close()
 
     def watch(self) -> None:
         """Keep the background loops running after an actor restart (start() is idempotent)."""

@@ -7,6 +7,7 @@ and the users whose state changed. Decisions depend only on (event, context, scr
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from zlib import crc32
@@ -68,11 +69,19 @@ class _Campaign:
 class ShardEngine:
     """Decides for the users it holds; state is in memory, snapshots are msgpack bytes per user."""
 
-    def __init__(self, config: Config, budgets: Budgets | None = None, sandbox: Sandbox | None = None) -> None:
+    def __init__(self, config: Config, budgets: Budgets | None = None, sandbox: Sandbox | None = None,
+                 scripts: Iterable[Mapping[str, Any]] = ()) -> None:
+        """`scripts`: stored versions to start from ({"name", "active", "versions": {N: source}} each, as the
+        script catalog lists them); a rule whose script is not among them runs its file as version 1."""
         self.config = config
         self.budgets: Budgets = budgets if budgets is not None else LocalBudgets(config)
         self.sandbox = sandbox or Sandbox(config.sandbox.max_instructions, config.sandbox.max_memory_kb)
         self.scripts = ScriptRegistry(self.sandbox)
+        for s in scripts:
+            for v, source in s["versions"].items():
+                self.scripts.add(s["name"], source, v)
+            if s["active"]:
+                self.scripts.activate(s["name"], s["active"])
         self.window = config.dedup_window
         self.horizon_s = int(config.dedup_horizon_s)
         self.max_ids = config.dedup_max_ids

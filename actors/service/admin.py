@@ -134,10 +134,12 @@ class AdminApi:
             if type(v) is not int or v not in s["versions"]:
                 return error(422, f"script {name!r} has no version {v!r}")
             source = s["versions"][v]
-        engine = ShardEngine(self.config)  # private sandbox and in-memory budgets: nothing leaves it
-        self.catalog.install(engine, all_versions=False, skip=name)
-        engine.put_script(name, source, v)
-        engine.activate(name, v)
+        # A private sandbox and in-memory budgets: nothing leaves it. Every script as the shards run it, and
+        # this one at the version asked (or the source given, as version 0).
+        stored = [{**x, "versions": {x["active"]: x["versions"][x["active"]]}} for x in self.catalog.all()
+                  if x["name"] != name and x["active"]]
+        stored.append({"name": name, "active": v, "versions": {v: source}})
+        engine = ShardEngine(self.config, scripts=stored)
         if context:
             engine.start_users(events, context_blob)
         out = engine.process(events, int(time.time() * 1000))

@@ -21,12 +21,15 @@ from playbus.actors.engine.engine import ShardEngine
 from playbus.actors.engine.keys import groups_of_shard, user_key
 from playbus.actors.store.catalog import ScriptCatalog
 from playbus.actors.store.commit import RedisStore
+from playbus.actors.store.durability import check_server
+from playbus.actors.store.layout import check_layout
 from playbus.actors.store.leases import LeasedBudgets
 from playbus.config.schema import Config
 
-__all__ = ["PreparedBatch", "ShardCore"]
+__all__ = ["PreparedBatch", "ShardCore", "deploy_scripts"]
 
 log = logging.getLogger("playbus.shard")
+CATALOG_CHECK_S = 0.5  # how often a shard compares its scripts with the catalog (activations land within 1 s)
 
 
 @dataclass
@@ -49,26 +52,23 @@ class ShardCore:
         self.config = config
         self.shard = shard
         self.client = redis.Redis.from_url(redis_url, socket_timeout=10, retry_on_timeout=True)
-        self.store = RedisStore(self.client, config.key_groups)
+        check_layout(self.client, config.key_groups)
+        waitaof = check_server(self.client, config.durability.fsync)
+        self.store = RedisStore(self.client, config.key_groups, wait_fsync_ms=5_000 if waitaof else None)
         self.catalog = ScriptCatalog(self.client)
         self.budgets = LeasedBudgets(self.client, config)
-        self.engine = ShardEngine(config, budgets=self.budgets)
+        deploy_scripts(self.catalog, config)  # a changed rule file becomes the active version
+        self.generation = self.catalog.generation()
+        self.engine = ShardEngine(config, budgets=self.budgets, scripts=self.catalog.all())
         self.groups = set(groups_of_shard(shard, config.shards, config.key_groups))
         self.stream_targets = {g: t.stream for g, t in config.targets.items() if t.stream}
         self.webhooks = {g for g, t in config.targets.items() if t.webhook}
-        self._load_scripts()
+        self._next_catalog_check = time.monotonic() + CATALOG_CHECK_S
         self.epochs = self.store.claim(sorted(self.groups))
         self.batches = 0
         self.events = 0
         self.last_commit_ms = 0.0
         self.commit_ms: deque[float] = deque(maxlen=10_000)  # recent commit latencies, for metrics
-
-    def _load_scripts(self) -> None:
-        """Seed each rule's file as version 1, then load every stored version and the active ones."""
-        for c in self.config.campaigns:
-            for r in c.rules:
-                self.catalog.seed(r.script_name, r.source)
-        self.catalog.install(self.engine)
 
     # -- scripts -----------------------------------------------------------------------------------
     def put_script(self, name: str, source: str, version: int) -> None:
@@ -131,11 +131,27 @@ class ShardCore:
         return False
 
     def needs_prefetch(self) -> bool:
-        return self.budgets.needs_prefill()
+        return time.monotonic() >= self._next_catalog_check or self.budgets.needs_prefill()
 
     def prefetch(self) -> None:
-        """Between batches: top low budget leases up, so that batches rarely overdraw."""
-        self.budgets.prefill()
+        """Between batches: top low budget leases up (so that batches rarely overdraw), and every
+        CATALOG_CHECK_S reconcile the scripts with the catalog (an activation that missed this shard, a version
+        pushed while it restarted)."""
+        if time.monotonic() >= self._next_catalog_check:
+            self._next_catalog_check = time.monotonic() + CATALOG_CHECK_S
+            self.reconcile()
+        if self.budgets.needs_prefill():
+            self.budgets.prefill()
+
+    def reconcile(self) -> bool:
+        """Load what changed in the catalog since the last look; True if anything did."""
+        generation = self.catalog.generation()
+        if generation == self.generation:
+            return False
+        self.catalog.install(self.engine)
+        self.generation = generation
+        log.info("shard %d: scripts reconciled with the catalog (generation %d)", self.shard, generation)
+        return True
 
     def commit(self, batch: PreparedBatch) -> None:
         """Write a prepared batch to Redis. Touches no engine state, so it may run on another thread while
@@ -173,3 +189,18 @@ class ShardCore:
             self.budgets.release()
         except redis.RedisError as e:
             log.warning("shard %d: could not release budget leases: %s", self.shard, e)
+
+
+def deploy_scripts(catalog: ScriptCatalog, config: Config) -> list[tuple[str, int]]:
+    """Load every rule's script file into the catalog; the (name, version) pairs that became active."""
+    deployed: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    for c in config.campaigns:
+        for r in c.rules:
+            if r.script_name in seen:
+                continue
+            seen.add(r.script_name)
+            changed, active = catalog.deploy(r.script_name, r.source)
+            if changed:
+                deployed.append((r.script_name, active))
+    return deployed

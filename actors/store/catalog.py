@@ -1,8 +1,14 @@
 """ScriptCatalog: every version of every script and the active one, in Redis, shared by all shards.
 
-    playbus:scripts                 set     script names
-    playbus:script:<name>           hash    "v:<N>" -> source, "next" -> last version number, "active" -> N
-A rule's script file seeds version 1 the first time the cluster starts; after that Redis is the truth.
+    playbus:{catalog}:scripts          set     script names
+    playbus:{catalog}:script:<name>    hash    "v:<N>" -> source, "next" -> last version number, "active" -> N,
+                                               "file" -> the source last loaded from the script's file
+    playbus:{catalog}:generation       string  bumped by every change: shards reload the catalog when it moves
+The hash tag keeps every catalog key in one Redis Cluster slot, so each change is one atomic script.
+
+A rule's script file is deployed at every start (`deploy`): the first time, its source is version 1; later, a
+file whose source differs from the one last loaded from it becomes a new version and is activated, and an
+unchanged file leaves active whatever operators activated since.
 """
 
 from __future__ import annotations
@@ -11,45 +17,50 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from playbus.actors.store.scripts import lua
+
 if TYPE_CHECKING:
     from playbus.actors.engine.engine import ShardEngine
 
 __all__ = ["ScriptCatalog"]
 
-NAMES = "playbus:scripts"
+NAMES = "playbus:{catalog}:scripts"
+GENERATION = "playbus:{catalog}:generation"
 
 
 def _key(name: str) -> str:
-    return f"playbus:script:{name}"
+    return f"playbus:{{catalog}}:script:{name}"
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 class ScriptCatalog:
-    """Script versions in Redis; version numbers are allocated atomically (HINCRBY)."""
+    """Script versions in Redis; version numbers are allocated atomically."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
+        self._deploy = client.register_script(lua("catalog_deploy"))
+        self._add = client.register_script(lua("catalog_add"))
+        self._activate = client.register_script(lua("catalog_activate"))
 
-    def seed(self, name: str, source: str) -> None:
-        """Store `source` as version 1 unless the script exists already."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.sadd(NAMES, name)
-        pipe.hsetnx(_key(name), "v:1", source)
-        pipe.hsetnx(_key(name), "next", 1)
-        pipe.hsetnx(_key(name), "active", 1)
-        pipe.execute()
+    def deploy(self, name: str, source: str) -> tuple[bool, int]:
+        """Load a script file: (whether it became a new active version, the active version)."""
+        changed, active = self._deploy(keys=[NAMES, _key(name), GENERATION], args=[name, source])
+        return bool(int(changed)), int(active)
 
     def add(self, name: str, source: str) -> int:
-        """Store a new version; returns its number."""
-        v = int(self.client.hincrby(_key(name), "next", 1))
-        pipe = self.client.pipeline(transaction=True)
-        pipe.sadd(NAMES, name)
-        pipe.hset(_key(name), f"v:{v}", source)
-        pipe.hsetnx(_key(name), "active", v)
-        pipe.execute()
-        return v
+        """Store a new version (active if it is the first); returns its number."""
+        return int(self._add(keys=[NAMES, _key(name), GENERATION], args=[name, source]))
 
-    def activate(self, name: str, version: int) -> None:
-        self.client.hset(_key(name), "active", version)
+    def activate(self, name: str, version: int) -> bool:
+        """Make `version` the active one; False if the script has no such version."""
+        return bool(int(self._activate(keys=[_key(name), GENERATION], args=[version])))
+
+    def generation(self) -> int:
+        """A number that changes whenever the catalog does."""
+        return int(self.client.get(GENERATION) or 0)
 
     def get(self, name: str) -> dict[str, Any] | None:
         """{"name", "active", "versions": {N: source}} or None when unknown."""
@@ -59,23 +70,28 @@ class ScriptCatalog:
         versions = {}
         active = 0
         for k, v in raw.items():
-            k = k.decode() if isinstance(k, bytes) else k
+            k = _text(k)
             if k.startswith("v:"):
-                versions[int(k[2:])] = v.decode() if isinstance(v, bytes) else v
+                versions[int(k[2:])] = _text(v)
             elif k == "active":
                 active = int(v)
         return {"name": name, "active": active, "versions": dict(sorted(versions.items()))}
 
     def names(self) -> list[str]:
         raw: Any = self.client.smembers(NAMES)
-        return sorted(n.decode() if isinstance(n, bytes) else n for n in raw)
+        return sorted(_text(n) for n in raw)
 
     def all(self) -> list[dict[str, Any]]:
+        names = self.names()
+        pipe = self.client.pipeline(transaction=False)
+        for n in names:
+            pipe.hgetall(_key(n))
         out = []
-        for n in self.names():
-            s = self.get(n)
-            if s is not None:
-                out.append(s)
+        for n, raw in zip(names, pipe.execute(), strict=True):
+            if raw:
+                versions = {int(_text(k)[2:]): _text(v) for k, v in raw.items() if _text(k).startswith("v:")}
+                active = next((int(v) for k, v in raw.items() if _text(k) == "active"), 0)
+                out.append({"name": n, "active": active, "versions": dict(sorted(versions.items()))})
         return out
 
     def install(self, engine: ShardEngine, all_versions: bool = True, skip: str | None = None) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import redis
@@ -66,9 +66,12 @@ class RedisStore:
     """Snapshots, journal, outbox and failed runs of key groups in Redis; every commit is one round trip."""
 
     def __init__(
-        self, client: redis.Redis, key_groups: int, journal_limit: int = 100, per_group_calls: bool = False
+        self, client: redis.Redis, key_groups: int, journal_limit: int = 100, per_group_calls: bool = False,
+        wait_fsync_ms: int | None = None,
     ) -> None:
-        """`per_group_calls`: one script call per key group (Redis Cluster); else one call per commit."""
+        """`per_group_calls`: one script call per key group (Redis Cluster); else one call per commit.
+        `wait_fsync_ms`: follow every commit, in the same round trip, by WAITAOF 1 0 <ms> (Redis 7.2+), so that
+        it returns only once the commit is fsynced to the AOF."""
         if client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("RedisStore needs a client with decode_responses=False (snapshots are bytes)")
         if key_groups < 1 or journal_limit < 1:
@@ -78,6 +81,7 @@ class RedisStore:
         self.journal_limit = journal_limit
         self.round_trips = 0  # network exchanges made by this store, for tests and metrics
         self.per_group_calls = per_group_calls
+        self.wait_fsync_ms = wait_fsync_ms
         self._script = client.register_script(lua("commit"))
         self._loaded = False
         self._pack = msgpack.Packer(use_bin_type=True).pack
@@ -248,6 +252,10 @@ class RedisStore:
                 errors.append(f"group {kg}: {r}")
             elif r[0] == b"FENCED":
                 fenced.append(f"{kg}")
+            elif r[0] == b"WRONGTYPE":
+                key, kind = (x.decode("utf-8", "replace") for x in r[1:3])
+                errors.append(f"group {kg}: key {key!r} holds a {kind}, not what playbus writes there "
+                              f"(nothing of this group was written; fix or delete that key)")
             else:
                 done.append(kg)
         if errors:
@@ -322,8 +330,12 @@ class RedisStore:
             for i in todo:
                 keys, args = calls[i]
                 pipe.evalsha(sha, len(keys), *keys, 1, len(keys), len(args), *args)
+            if self.wait_fsync_ms is not None:
+                pipe.execute_command("WAITAOF", 1, 0, self.wait_fsync_ms)  # type: ignore[no-untyped-call]
             self.round_trips += 1
             out = pipe.execute(raise_on_error=False)
+            if self.wait_fsync_ms is not None:
+                self._check_fsync(out.pop())
             retry = []
             for i, r in zip(todo, out, strict=True):
                 if isinstance(r, NoScriptError):
@@ -338,17 +350,28 @@ class RedisStore:
     def _evalsha_raw(self, sha: str, keys: list[Any], args: list[Any]) -> Any:
         """EVALSHA with the command packed by hiredis in one call: redis-py's own path checks every argument
         in Python, about 2 us per event for the ~8 arguments an event brings to a commit."""
-        packed = pack_command(("EVALSHA", sha, len(keys), *keys, *args))
+        packed = [pack_command(("EVALSHA", sha, len(keys), *keys, *args))]
+        if self.wait_fsync_ms is not None:
+            packed.append(pack_command(cast(Any, ("WAITAOF", 1, 0, self.wait_fsync_ms))))
         pool = self.client.connection_pool
         conn: Any = pool.get_connection()
         try:
-            conn.send_packed_command([packed])
-            return conn.read_response()
+            conn.send_packed_command(packed)
+            out = conn.read_response()
+            if self.wait_fsync_ms is not None:
+                self._check_fsync(conn.read_response())
+            return out
         except (redis.ConnectionError, redis.TimeoutError):
             conn.disconnect()
             raise
         finally:
             pool.release(conn)
+
+    def _check_fsync(self, reply: Any) -> None:
+        """WAITAOF answers [local fsyncs, replica fsyncs]; anything but a local fsync fails the commit's answer
+        (the commit may have landed: a retry is answered `duplicate`)."""
+        if isinstance(reply, Exception) or not reply or int(reply[0]) < 1:
+            raise StoreError(f"the commit was not fsynced to the AOF within {self.wait_fsync_ms} ms ({reply!r})")
 
     def _load_scripts(self) -> None:
         pipe = self.client.pipeline(transaction=False)

@@ -13,7 +13,7 @@ import pytest
 from playbus.actors.engine.engine import ShardEngine
 from playbus.actors.engine.keys import key_group
 from playbus.actors.store.commit import RedisStore
-from playbus.actors.store.errors import FencedError
+from playbus.actors.store.errors import FencedError, StoreError
 from playbus.actors.store.server import RedisServer
 from playbus.config import Config
 from tests.support.configs import make_config
@@ -285,3 +285,47 @@ def test_large_commits_are_written_whole(clean_redis: Any) -> None:
     assert dict(store.scan_users(0)) == snaps
     entries = store.journal("c1\x00u0")
     assert len(entries) == 2100 and entries[0]["event"] == "e2099" and entries[-1]["event"] == "e0"
+
+
+@pytest.mark.parametrize("per_group_calls", [False, True])
+def test_a_key_of_the_wrong_type_fails_its_group_before_any_write_and_a_retry_lands_once_fixed(
+        clean_redis: Any, config: Config, per_group_calls: bool) -> None:
+    store = RedisStore(clean_redis, KG, per_group_calls=per_group_calls)
+    epochs = store.claim(range(KG))
+    user = users_in_group(4, 1)[0]
+    other = users_in_group(6, 1)[0]
+    clean_redis.set(LOTTERY, "not a stream")  # the lottery target stream key holds a string
+    engine = ShardEngine(config)
+    out = engine.process([ev(1, user), ev(2, other)], TS)
+    snaps = engine.snapshot()
+    with pytest.raises(StoreError, match=r"key 'playbus:actions:lottery' holds a string"):
+        store.commit(epochs, snaps, out.journal, out.actions, out.failed, TARGETS, WEBHOOKS, batch_id="b1")
+    # Nothing of either group was written: no snapshot, no journal, no outbox, and no batch token.
+    for u, kg in ((user, 4), (other, 6)):
+        assert store.snapshot_of(f"c1\x00{u}") is None
+        assert clean_redis.exists(store.journal_key(f"c1\x00{u}"), store.outbox_key(kg),
+                                  f"playbus:{{kg{kg}}}:batch") == 0
+    clean_redis.delete(LOTTERY)  # an operator fixes the key; the retry of the same commit lands, once
+    store.commit(epochs, snaps, out.journal, out.actions, out.failed, TARGETS, WEBHOOKS, batch_id="b1")
+    assert clean_redis.xlen(LOTTERY) == 2
+    store.commit(epochs, snaps, out.journal, out.actions, out.failed, TARGETS, WEBHOOKS, batch_id="b1")
+    assert clean_redis.xlen(LOTTERY) == 2
+
+
+def test_a_journal_or_users_key_of_the_wrong_type_is_refused_too(clean_redis: Any, config: Config) -> None:
+    store = RedisStore(clean_redis, KG)
+    epochs = store.claim(range(KG))
+    user = users_in_group(1, 1)[0]
+    engine = ShardEngine(config)
+    out = engine.process([ev(1, user)], TS)
+    clean_redis.set(store.users_key(1), "x")
+    with pytest.raises(StoreError, match=r"holds a string"):
+        store.commit(epochs, engine.snapshot([f"c1\x00{user}"]), out.journal, out.actions, out.failed, TARGETS,
+                     WEBHOOKS)
+    assert not clean_redis.exists(LOTTERY)
+    clean_redis.delete(store.users_key(1))
+    clean_redis.hset(store.journal_key(f"c1\x00{user}"), "a", "b")
+    with pytest.raises(StoreError, match=r"holds a hash"):
+        store.commit(epochs, engine.snapshot([f"c1\x00{user}"]), out.journal, out.actions, out.failed, TARGETS,
+                     WEBHOOKS)
+    assert store.snapshot_of(f"c1\x00{user}") is None and not clean_redis.exists(LOTTERY)

@@ -1,0 +1,52 @@
+"""What the Redis that playbus uses must be, checked at start: it must never evict keys, and, with
+`durability: {fsync: always}`, `applied` must wait for the AOF fsync.
+
+- Redis 7.2 and newer have WAITAOF: each commit is followed, in the same round trip, by `WAITAOF 1 0 <ms>`,
+  which returns once the commit is fsynced to the local AOF.
+- Redis 7.0 (this machine's) has no WAITAOF; there `appendonly yes` with `appendfsync always` gives the same
+  guarantee (Redis fsyncs the AOF before it replies), and a server set otherwise is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from playbus.actors.store.errors import StoreError
+
+__all__ = ["RedisSettingsError", "check_server", "server_version"]
+
+
+class RedisSettingsError(StoreError):
+    """The Redis server's settings cannot give the guarantees playbus promises."""
+
+
+def server_version(client: Any) -> tuple[int, ...]:
+    info = client.info("server")
+    return tuple(int(x) for x in str(info.get("redis_version", "0")).split(".")[:3] if x.isdigit())
+
+
+def _config(client: Any, name: str) -> str:
+    got = client.config_get(name)
+    value = got.get(name, got.get(name.encode(), b"")) if isinstance(got, dict) else b""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def check_server(client: Any, fsync: str = "everysec") -> bool:
+    """Raise RedisSettingsError for a server playbus cannot rely on; True when commits must be followed by
+    WAITAOF (fsync "always" on Redis 7.2+)."""
+    policy = _config(client, "maxmemory-policy")
+    if policy and policy != "noeviction":
+        raise RedisSettingsError(
+            f"redis: maxmemory-policy is {policy!r}, which lets Redis evict keys (a user's context, a dedup id, "
+            f"an outbox entry); playbus needs 'noeviction' (CONFIG SET maxmemory-policy noeviction)")
+    if fsync != "always":
+        return False
+    if server_version(client) >= (7, 2):
+        return True
+    aof, every = _config(client, "appendonly"), _config(client, "appendfsync")
+    if aof != "yes" or every != "always":
+        version = ".".join(map(str, server_version(client)))
+        raise RedisSettingsError(
+            f"durability.fsync is 'always', but this Redis {version} has no WAITAOF and runs with appendonly "
+            f"{aof!r}, appendfsync {every!r}: set appendonly yes and appendfsync always, or use Redis 7.2+")
+    return False
