@@ -53,10 +53,12 @@ class _Strict(BaseModel):
 
 
 class BatchConfig(_Strict):
-    """How shards cut the input into micro-batches (one Redis commit per batch)."""
+    """How shards cut the input into micro-batches (one Redis commit per batch). A batch whose rules have run
+    for `max_decide_ms` leaves its remaining events to the next batch (slow rules delay, never fail, others)."""
 
     max_events: int = Field(default=500, ge=1, le=100_000)
     max_wait_ms: float = Field(default=5.0, ge=0, le=10_000)
+    max_decide_ms: float = Field(default=1_000.0, gt=0, le=600_000)
 
 
 class TargetConfig(_Strict):
@@ -105,10 +107,13 @@ class TargetConfig(_Strict):
 
 
 class SandboxConfig(_Strict):
-    """Limits of one rule run: instructions executed and memory allocated."""
+    """Limits of the rules: instructions and memory of one run, a user's context, and how many runs in a row
+    may fail their budget before the rule is disabled on that shard (until a new version is activated)."""
 
     max_instructions: int = Field(default=1_000_000, ge=1_000, le=1_000_000_000)
     max_memory_kb: int = Field(default=16_384, ge=256, le=1_048_576)
+    max_context_kb: int = Field(default=64, ge=1, le=16_384)
+    disable_after: int = Field(default=20, ge=1, le=1_000_000)
 
 
 class RuleConfig(_Strict):

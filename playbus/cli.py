@@ -6,10 +6,12 @@ import argparse
 import json
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from playbus.actors.engine.decisions import repeat_actions
 from playbus.actors.engine.engine import ShardEngine
 from playbus.actors.engine.keys import user_key
 from playbus.admin import add_scripts_parser, run_scripts_command
@@ -57,6 +59,7 @@ def dry_run(config_path: str, events_path: str, context_path: str | None, now_ms
         raise CliError(str(e)) from None
     start_ctx = _read_context(context_path)
     now = int(time.time() * 1000) if now_ms is None else now_ms
+    journals: dict[str, list[Any]] = defaultdict(list)
     for n, line in _read_lines(events_path):
         if not line.strip():
             continue
@@ -69,6 +72,9 @@ def dry_run(config_path: str, events_path: str, context_path: str | None, now_ms
         if start_ctx:
             engine.start_users([raw], start_ctx)
         outcome = engine.process([raw], now)
+        repeat_actions(outcome.results, outcome.earlier, journals)  # a duplicate repeats what it granted
+        for d in outcome.journal:
+            journals[user_key(d["campaign"], d["user"])].append(d)
         result = dict(outcome.results[0])
         ctx = None
         if result["status"] != "rejected":

@@ -2,7 +2,7 @@
 -- Loaded once per LuaRuntime by scripting/sandbox.py. Scripts never see anything defined here except
 -- through the allow-listed environment built by make_env and the ctx/emit/now/today/random helpers.
 -- Every value crossing to Python is msgpack bytes, so no Python object ever reaches Lua.
-local MAX_INSTR_HOOKS, MAX_MEM_KB, MAX_CPU_S = ...
+local MAX_INSTR_HOOKS, MAX_MEM_KB, MAX_CPU_S, MAX_CTX_BYTES, DISABLE_AFTER = ...
 
 local type, next, pairs, ipairs, select, error, pcall, xpcall = type, next, pairs, ipairs, select, error, pcall, xpcall
 local tostring, tonumber, rawget, rawset, rawlen, rawequal = tostring, tonumber, rawget, rawset, rawlen, rawequal
@@ -16,6 +16,7 @@ local sfind, smatch, sgmatch = string.find, string.match, string.gmatch
 local concat, tunpack, tmove, tsort = table.concat, table.unpack, table.move, table.sort
 local ulen = utf8.len
 local sethook, getinfo = debug.sethook, debug.getinfo
+local getupvalue, setupvalue, upvalueid = debug.getupvalue, debug.setupvalue, debug.upvalueid
 
 local BUDGET_ERR = "instruction budget exceeded"
 local MEMORY_ERR = "memory cap exceeded"
@@ -588,6 +589,7 @@ local BASE_MT = {__index = BASE, __metatable = LOCKED}
 ---------------------------------------------------------------------------------------------------
 -- Scripts, rules and rule sets, addressed by small integers that Python hands out.
 local SCRIPTS, RULES, RULESETS = {}, {}, {}
+local context_fits  -- defined with run_batch, below
 
 function run_guarded(f, ...)
   steps, limit, exhausted, mem_start, mem_cap = 0, MAX_INSTR_HOOKS, false, collectgarbage("count"), MAX_MEM_KB
@@ -613,10 +615,10 @@ end
 
 local API = {}
 
--- Compile one script version: returns true, or false and the message (with "name:line:").
-function API.compile(handle, name, source)
-  -- Globals live in `defs`; `env` stays empty so that every global assignment reaches __newindex,
-  -- which allows definitions while the chunk loads and refuses them afterwards.
+-- A script's module: its main chunk run with a fresh environment. Globals live in `defs`; `env` stays empty
+-- so that every global assignment reaches __newindex, which allows definitions while the chunk loads and
+-- refuses them afterwards.
+local function instantiate(chunk, name)
   local defs = setmetatable({}, BASE_MT)
   local loading = true
   local env = setmetatable({}, {
@@ -627,15 +629,76 @@ function API.compile(handle, name, source)
     end,
     __metatable = LOCKED,
   })
-  local chunk, err = load(source, "=" .. name, "t", env)
-  if not chunk then return false, err end
-  local ok, rerr = run_guarded(chunk)
+  setupvalue(chunk, 1, env)
+  chunk()
   loading = false
-  if not ok then return false, errtext(rerr) end
-  if type(rawget(defs, "decide")) ~= "function" then
-    return false, name .. ": the script must define a global function decide(event, ctx)"
+  local decide = rawget(defs, "decide")
+  if type(decide) ~= "function" then
+    error(name .. ": the script must define a global function decide(event, ctx)", 0)
   end
-  SCRIPTS[handle] = rawget(defs, "decide")
+  return decide, defs
+end
+
+-- What a script could keep between runs: tables (and other mutable objects) reachable from its globals or from
+-- the upvalues of its own functions make it "stateful", and it is instantiated anew for every run; scalar
+-- upvalues (module-level locals holding numbers, strings, booleans) are noted, and put back after every run.
+-- Either way a run starts from the module as loaded: a decision never depends on earlier runs, and memory a
+-- script keeps between runs cannot grow.
+local function module_state(defs, source_name)
+  local seen, ids, watched, stateful = {}, {}, {}, false
+  local function visit(f)
+    if seen[f] then return end
+    seen[f] = true
+    local info = getinfo(f, "S")
+    if info.what == "C" or info.source ~= source_name then return end   -- library code: not the script's
+    local i = 1
+    while true do
+      local uname, v = getupvalue(f, i)
+      if uname == nil then break end
+      if uname ~= "_ENV" then
+        local tv = type(v)
+        if tv == "function" then visit(v)
+        elseif tv == "table" or tv == "userdata" or tv == "thread" then stateful = true
+        else
+          local id = upvalueid(f, i)
+          if not ids[id] then ids[id] = true; watched[#watched + 1] = {f, i, v} end
+        end
+      end
+      i = i + 1
+    end
+  end
+  for _, v in next, defs do
+    local tv = type(v)
+    if tv == "function" then visit(v)
+    elseif tv == "table" or tv == "userdata" or tv == "thread" then stateful = true end
+  end
+  return stateful, watched
+end
+
+-- Put back the scalar module-level locals a run changed.
+local function restore_watched(watched)
+  for i = 1, #watched do
+    local w = watched[i]
+    local _, v = getupvalue(w[1], w[2])
+    if not rawequal(v, w[3]) then setupvalue(w[1], w[2], w[3]) end
+  end
+end
+
+-- A stateful script's run: a fresh module, then its decide (all under the run's budget).
+local function run_fresh(script, ev, ctx)
+  local decide = instantiate(script.chunk, script.name)
+  return decide(ev, ctx)
+end
+
+-- Compile one script version: returns true, or false and the message (with "name:line:").
+function API.compile(handle, name, source)
+  local chunk, err = load(source, "=" .. name, "t", {})
+  if not chunk then return false, err end
+  local decide, defs
+  local ok, err = run_guarded(function() decide, defs = instantiate(chunk, name) end)
+  if not ok then return false, errtext(err) end
+  local stateful, watched = module_state(defs, "=" .. name)
+  SCRIPTS[handle] = {decide = decide, chunk = chunk, name = name, stateful = stateful, watched = watched}
   return true
 end
 
@@ -644,11 +707,26 @@ function API.define_rule(handle, id, script_handle, emits_blob, budget_blob)
   for _, t in ipairs(decode(emits_blob)) do emits[t] = true; names[#names + 1] = t end
   RULES[handle] = {
     id = id, script = script_handle, emits = emits, emits_text = concat(names, ", "),
-    budget_params = decode(budget_blob),
+    budget_params = decode(budget_blob), fails = 0, disabled = false,
   }
 end
 
-function API.set_rule_script(handle, script_handle) RULES[handle].script = script_handle end
+-- A new script version re-enables a rule that was disabled for failing its budget.
+function API.set_rule_script(handle, script_handle)
+  local r = RULES[handle]
+  r.script, r.fails, r.disabled = script_handle, 0, false
+end
+
+-- The rules disabled on this runtime, as msgpack [[rule id, reason], ...].
+function API.disabled_rules()
+  local out = {}
+  for _, r in next, RULES do
+    if r.disabled then out[#out + 1] = {r.id, r.disabled} end
+  end
+  local b = {}
+  enc(out, b)
+  return concat(b)
+end
 function API.drop_script(handle) SCRIPTS[handle] = nil end
 
 function API.define_ruleset(handle, rules_blob)
@@ -679,15 +757,47 @@ local EVENT = setmetatable({}, {
   __metatable = LOCKED,
 })
 
+-- The size of a user's context is kept as an upper bound (what it was when loaded, plus the bytes of every
+-- run's writes since); when a run's writes would take the bound over MAX_CTX_BYTES, the exact size of the
+-- context with those writes is measured, and the run fails if that is over the limit.
+local CTX_SIZE = {}
+
+local function encoded_size(v)
+  local b = {}
+  enc(v, b)
+  local n = 0
+  for i = 1, #b do n = n + #b[i] end
+  return n
+end
+
+function context_fits(key, base)
+  local bound = (CTX_SIZE[key] or 0) + cur_bytes
+  if bound > MAX_CTX_BYTES then
+    local olds = {}
+    for k, v in next, cur_over do
+      local old = base[k]
+      if old == nil then olds[k] = NILV else olds[k] = old end
+      if v == NILV then base[k] = nil else base[k] = v end
+    end
+    bound = encoded_size(base)
+    for k, v in next, olds do
+      if v == NILV then base[k] = nil else base[k] = v end
+    end
+    if bound > MAX_CTX_BYTES then
+      return false, sformat("ctx: the user's context would be %d bytes, over the limit of %d", bound, MAX_CTX_BYTES)
+    end
+  end
+  CTX_SIZE[key] = bound
+  return true
+end
+
 -- Run every rule of every event of a batch. `cols` is a flat array with STRIDE fields per event:
 -- id, type, user, campaign, ts, day, data (msgpack or false), context key, rule set.
--- Returns one msgpack record per rule run, concatenated: [error|nil, changes|nil, emits|nil].
--- `out_budget` bounds the (estimated) bytes of all records: sandbox.py raises lupa's hard memory limit by
--- a multiple of it for this batch, so building the result can never hit that limit and fail the batch.
+-- Returns one msgpack record per rule run, concatenated: [error|nil, changes|nil, emits|nil]. What a run
+-- returns depends only on its event, its context and its script: never on the rest of the batch.
 local STRIDE = 9
-local OUT_BUDGET_ERR = "rule run writes and emits exceed what is left of this batch's result budget"
-function API.run_batch(cols, n, out_budget)
-  local out, out_left = {}, out_budget or huge
+function API.run_batch(cols, n)
+  local out = {}
   for i = 0, n - 1 do
     local b = i * STRIDE
     local key = cols[b + 8]
@@ -701,13 +811,24 @@ function API.run_batch(cols, n, out_budget)
       local ev = EVENT
       cur_event, cur_blob, cur_ts, cur_day, cur_rng = ev, cols[b + 7], cols[b + 5], cols[b + 6], nil
       cur_base, cur_over, cur_writes, cur_emits, cur_rule, cur_bytes = base, NO_WRITES, 0, NO_EMITS, rule, 0
-      local fn = SCRIPTS[rule.script]
+      local script = SCRIPTS[rule.script]
       local ok, err
-      if fn == nil then ok, err = false, "script is not loaded"
-      else ok, err = run_guarded(fn, ev, CTXOBJ) end
+      if rule.disabled then ok, err = false, rule.disabled
+      elseif script == nil then ok, err = false, "script is not loaded"
+      elseif script.stateful then ok, err = run_guarded(run_fresh, script, ev, CTXOBJ)
+      else
+        ok, err = run_guarded(script.decide, ev, CTXOBJ)
+        if script.watched[1] then restore_watched(script.watched) end
+      end
       if ok then
-        out_left = out_left - cur_bytes
-        if out_left < 0 then ok, err, out_left = false, OUT_BUDGET_ERR, out_left + cur_bytes end
+        rule.fails = 0
+        if cur_over ~= NO_WRITES then ok, err = context_fits(key, base) end
+      elseif err == BUDGET_ERR or err == MEMORY_ERR or err == TIME_ERR then
+        rule.fails = rule.fails + 1
+        if rule.fails >= DISABLE_AFTER then
+          rule.disabled = sformat("rule disabled on this shard: %d runs in a row failed their budget (the last: %s); "
+            .. "activate a fixed version of its script to enable it", rule.fails, err)
+        end
       end
       if ok then
         local over = cur_over
@@ -768,8 +889,8 @@ function API.get_context_blobs(keys, n)
   end
   return concat(out)
 end
-function API.load_context(key, blob) CTX[key] = decode(blob) end
-function API.drop_context(key) CTX[key] = nil end
+function API.load_context(key, blob) CTX[key] = decode(blob); CTX_SIZE[key] = #blob end
+function API.drop_context(key) CTX[key] = nil; CTX_SIZE[key] = nil end
 function API.collect() collectgarbage("collect"); return collectgarbage("count") end
 
 return API

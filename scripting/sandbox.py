@@ -22,12 +22,10 @@ BUDGET_ERROR = "instruction budget exceeded"
 MEMORY_ERROR = "memory cap exceeded"
 TIME_ERROR = "cpu time limit exceeded"  # backstop for C work no instruction count sees (see driver.lua)
 _HOOK_EVERY = 1000  # instructions per count-hook call, as set in driver.lua
-# Result bytes (as estimated by the driver) that a batch may produce: a fixed part plus a share per event.
-# The hard memory limit is raised by _OUT_FACTOR times this (Lua pieces and the final concat), so building
-# the result never fails the whole batch; a rule run over the budget fails alone (see driver.lua).
-_OUT_FIXED = 1 << 20
-_OUT_PER_EVENT = 512
-_OUT_FACTOR = 10
+# The most a rule run's writes and emits may take (driver.lua's MAX_RUN_BYTES). The hard memory limit is raised
+# per batch by twice this per run (Lua pieces and the final concat), so that building a batch's result can
+# never fail it: what one run gets never depends on the rest of the batch.
+_RUN_BYTES = 65536
 _LINE = re.compile(r"^[^:]*:(\d+): (.*)$", re.S)
 
 
@@ -39,8 +37,12 @@ class Sandbox:
     """Compiles scripts and runs batches of rule runs under an instruction budget and a memory cap."""
 
     def __init__(
-        self, max_instructions: int = 1_000_000, max_memory_kb: int = 16_384, max_cpu_ms: int | None = None
+        self, max_instructions: int = 1_000_000, max_memory_kb: int = 16_384, max_cpu_ms: int | None = None,
+        max_context_kb: int = 64, disable_after: int = 20,
     ) -> None:
+        """`max_context_kb`: the most a user's context may hold (msgpack); `disable_after`: a rule whose runs fail
+        their budget (instructions, memory, CPU time) this many times in a row is disabled in this sandbox
+        until a new version of its script is set."""
         self.max_instructions = max_instructions
         self.max_memory_kb = max_memory_kb
         # CPU-time backstop per rule run (driver.lua), far above what the instruction budget takes in pure
@@ -59,7 +61,8 @@ class Sandbox:
         self._headroom = 2 * max_memory_kb * 1024 + (16 << 20)
         source = resources.files("playbus.scripting").joinpath("driver.lua").read_bytes()
         hooks = max(1, max_instructions // _HOOK_EVERY)
-        self._api = self._lua.execute(source, hooks, max_memory_kb, self.max_cpu_ms / 1000)
+        self._api = self._lua.execute(source, hooks, max_memory_kb, self.max_cpu_ms / 1000, max_context_kb * 1024,
+                                      disable_after)
         self._next_handle = 1
         self._run_batch = self._api.run_batch
         self._table_from = self._lua.table_from
@@ -105,17 +108,21 @@ class Sandbox:
         return h
 
     # -- running -----------------------------------------------------------------------------------
-    def run_batch(self, cols: list[Any], n: int) -> list[list[Any]]:
-        """Run the rule sets of `n` events (STRIDE fields each); one [error, changes, emits] per rule run."""
+    def run_batch(self, cols: list[Any], n: int, runs: int) -> list[list[Any]]:
+        """Run the rule sets of `n` events (STRIDE fields each, `runs` rule runs in all); one
+        [error, changes, emits] per rule run."""
         if n == 0:
             return []
         lua = self._lua
-        out_budget = _OUT_FIXED + _OUT_PER_EVENT * n
-        lua.set_max_memory(lua.get_memory_used() + self._headroom + _OUT_FACTOR * out_budget)
-        blob = self._run_batch(self._table_from(cols), n, out_budget)
+        lua.set_max_memory(lua.get_memory_used() + self._headroom + 2 * _RUN_BYTES * runs)
+        blob = self._run_batch(self._table_from(cols), n)
         unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
         unpacker.feed(blob)
         return list(unpacker)
+
+    def disabled_rules(self) -> list[tuple[str, str]]:
+        """(rule id, why) of every rule disabled for failing its budget too often."""
+        return [(r, why) for r, why in msgpack.unpackb(self._api.disabled_rules(), raw=False)]
 
     # -- contexts ----------------------------------------------------------------------------------
     def get_contexts(self, keys: list[str]) -> list[dict[str, Any] | None]:

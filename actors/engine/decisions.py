@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["DECISION_FIELDS", "Decision"]
+__all__ = ["DECISION_FIELDS", "Decision", "actions_of", "repeat_actions"]
 
 DECISION_FIELDS = ("campaign", "user", "event", "ts", "rule", "script_version", "actions", "changes", "error",
                    "refused")
@@ -35,3 +36,21 @@ class Decision(tuple):  # type: ignore[type-arg]
         if isinstance(value, dict):
             return value
         return dict(zip(DECISION_FIELDS, value, strict=False))
+
+
+def actions_of(entries: Iterable[Any], event_id: str) -> list[dict[str, Any]]:
+    """The actions an event's first processing granted, from a user's journal entries (dicts or Decisions,
+    oldest first): every rule run of that event, in rule order."""
+    out: list[dict[str, Any]] = []
+    for e in entries:
+        if e["event"] == event_id:
+            out.extend(e["actions"])
+    return out
+
+
+def repeat_actions(results: list[dict[str, Any]], earlier: Iterable[tuple[int, str, str]],
+                   journals: Mapping[str, Iterable[Any]]) -> None:
+    """Give each duplicate of an earlier batch (index, user key, event id) the actions of its first processing,
+    from the users' journals (user key -> entries oldest first); [] when the journal no longer holds it."""
+    for idx, key, eid in earlier:
+        results[idx]["actions"] = actions_of(journals.get(key, ()), eid)

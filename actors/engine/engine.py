@@ -7,6 +7,7 @@ and the users whose state changed. Decisions depend only on (event, context, scr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,17 +27,25 @@ from playbus.scripting.sandbox import Sandbox
 __all__ = ["BatchOutcome", "ShardEngine"]
 
 _new = tuple.__new__
+CHUNK_RUNS = 256  # with a time budget, rules run in chunks of about this many runs, the time checked between
 
 
 @dataclass
 class BatchOutcome:
-    """What one micro-batch decided; `results` are in input order."""
+    """What one micro-batch decided; `results` are in input order (the first len(events) - deferred of them).
+
+    A duplicate repeats the actions of its first processing: `same_batch` pairs (duplicate, original) of this
+    batch (filled in); `earlier` lists (index, user key, event id) of duplicates of earlier batches, whose
+    actions are in the user's journal (the shard reads them there)."""
 
     results: list[dict[str, Any]]
     actions: list[dict[str, Any]] = field(default_factory=list)
     journal: list[Decision] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     dirty: set[str] = field(default_factory=set)
+    deferred: int = 0
+    same_batch: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    earlier: list[tuple[int, str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -75,7 +84,9 @@ class ShardEngine:
         script catalog lists them); a rule whose script is not among them runs its file as version 1."""
         self.config = config
         self.budgets: Budgets = budgets if budgets is not None else LocalBudgets(config)
-        self.sandbox = sandbox or Sandbox(config.sandbox.max_instructions, config.sandbox.max_memory_kb)
+        lim = config.sandbox
+        self.sandbox = sandbox or Sandbox(lim.max_instructions, lim.max_memory_kb, max_context_kb=lim.max_context_kb,
+                                          disable_after=lim.disable_after)
         self.scripts = ScriptRegistry(self.sandbox)
         for s in scripts:
             for v, source in s["versions"].items():
@@ -136,17 +147,25 @@ class ShardEngine:
             rule.version = version
 
     # -- the micro-batch ---------------------------------------------------------------------------
-    def process(self, events: list[Any], now_ms: int) -> BatchOutcome:
-        """Decide one micro-batch. `now_ms` is the receive time, the default `ts` of events without one."""
+    def process(self, events: list[Any], now_ms: int, max_seconds: float | None = None) -> BatchOutcome:
+        """Decide one micro-batch. `now_ms` is the receive time, the default `ts` of events without one.
+
+        With `max_seconds`, rules run in chunks and, once that much time has passed, the events not reached
+        yet are left undecided (`outcome.deferred` of them, at the end of `events`, untouched): slow rules delay
+        the events behind them instead of failing them. Which events are deferred never changes a decision."""
         results: list[dict[str, Any]] = [None] * len(events)  # type: ignore[list-item]
+        outcome = BatchOutcome(results)
         users, campaigns, window, dirty = self.users, self.campaigns, self.window, self.dirty
         type_b = self._type_b
         cols: list[Any] = []
         work: list[tuple[int, Event, UserState, int, _Campaign, _RuleSet]] = []
+        runs = 0
         add_dirty, add_work, span = dirty.add, work.append, _DIGEST * window
         now_s = now_ms // 1000
         stamp = (now_s & 0xFFFFFFFF).to_bytes(_STAMP, "little")
         cutoff_s, most = now_s - self.horizon_s, self.max_ids
+        first_seen: dict[tuple[str, bytes], dict[str, Any]] = {}  # this batch's applied events, for duplicates
+        deadline = time.perf_counter() + max_seconds if max_seconds is not None else None
         for idx, raw in enumerate(events):
             ev, reason = check_event(raw, now_ms)
             if ev is None:
@@ -168,14 +187,20 @@ class ShardEngine:
             digest = (crc32(id_b) | crc32(id_b, DIGEST_SEED) << 32).to_bytes(8, "little")  # = event_digest(eid)
             seen = st.seen
             if digest in seen and st.has_seen(digest):
-                results[idx] = {"id": eid, "status": "duplicate", "actions": [], "errors": []}
+                dup = results[idx] = {"id": eid, "status": "duplicate", "actions": [], "errors": []}
+                original = first_seen.get((key, digest))
+                if original is not None:
+                    outcome.same_batch.append((dup, original))
+                else:
+                    outcome.earlier.append((idx, key, eid))
                 continue
             st.seen = seen + digest
             st.stamps += stamp
             if len(seen) >= span:
                 st.forget_old(window, cutoff_s, most)
             add_dirty(key)
-            results[idx] = {"id": eid, "status": "applied", "actions": [], "errors": []}
+            res = results[idx] = {"id": eid, "status": "applied", "actions": [], "errors": []}
+            first_seen[(key, digest)] = res
             if not camp.starts_ms <= ts < camp.ends_ms:
                 continue
             rs = camp.rulesets.get(etype)
@@ -188,9 +213,19 @@ class ShardEngine:
                 tb = type_b[etype] = etype.encode()
             cols += (id_b, tb, user.encode(), camp.id_b, ts, day, blob, key.encode(), rs.handle)
             add_work((idx, ev, st, day, camp, rs))
-        outcome = BatchOutcome(results)
+            runs += len(rs.rules)
+            if deadline is not None and runs >= CHUNK_RUNS:
+                self._apply(work, self.sandbox.run_batch(cols, len(work), runs), outcome)
+                cols, work, runs = [], [], 0
+                add_work = work.append
+                if time.perf_counter() > deadline and idx + 1 < len(events):
+                    outcome.deferred = len(events) - idx - 1
+                    del results[idx + 1:]
+                    break
         if work:
-            self._apply(work, self.sandbox.run_batch(cols, len(work)), outcome)
+            self._apply(work, self.sandbox.run_batch(cols, len(work), runs), outcome)
+        for dup, original in outcome.same_batch:
+            dup["actions"] = list(original["actions"])
         return outcome
 
     def _apply(self, work: list[Any], records: list[list[Any]], out: BatchOutcome) -> None:

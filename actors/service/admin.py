@@ -37,7 +37,7 @@ class AdminApi:
         self.config = config
         self.catalog = catalog
         self.call_shard = call_shard
-        self.checker = Sandbox(config.sandbox.max_instructions, config.sandbox.max_memory_kb)
+        self.checker = Sandbox(config.sandbox.max_instructions, config.sandbox.max_memory_kb)  # compiles pushes
 
     def check(self, headers: dict[str, str]) -> Response | None:
         """None when the request carries the admin token, else the 401 to answer."""

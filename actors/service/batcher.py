@@ -6,6 +6,9 @@ on one commit thread, so commits stay ordered), and answers each caller only aft
 If a commit fails, the batch decided on top of it fails too (its decisions saw state that never landed) and
 both batches' users are forgotten (`core.forget`), so the callers' retries reload them from the store.
 
+A batch may decide only a first part of its events (`deferred` > 0: its rules used up the batch's time); the
+rest goes back to the front of the queue, in order, and each caller is answered once all its events are.
+
 The loop is supervised: if it dies (a bug), every waiting caller gets the error and the next `submit` starts
 a new loop; no caller ever waits on a loop that is gone.
 """
@@ -30,10 +33,12 @@ class BatcherError(ServiceError):
 
 
 class Prepared(Protocol):
-    """A decided batch: its results in input order and the users it changed."""
+    """A decided batch: its results in input order (of all but the last `deferred` events, left undecided)
+    and the users it changed."""
 
     results: list[dict[str, Any]]
     dirty: set[str]
+    deferred: int
 
 
 B = TypeVar("B", bound=Prepared)
@@ -61,7 +66,18 @@ class BatchCore(Protocol[B]):
     def prefetch(self) -> None: ...
 
 
-_Waiter = tuple[list[Any], "asyncio.Future[list[dict[str, Any]]]"]
+class _Waiter:
+    """A caller's events (or what is left of them), its future, the results of its earlier parts, and the
+    waiter of its next part when a batch deferred the rest of its events."""
+
+    __slots__ = ("events", "fut", "prefix", "rest")
+
+    def __init__(self, events: list[Any], fut: asyncio.Future[list[dict[str, Any]]],
+                 prefix: list[dict[str, Any]] | None = None) -> None:
+        self.events = events
+        self.fut = fut
+        self.prefix = prefix or []
+        self.rest: _Waiter | None = None
 
 
 class MicroBatcher(Generic[B]):
@@ -95,7 +111,7 @@ class MicroBatcher(Generic[B]):
         """Queue events for the next batch; their results once that batch has committed."""
         self._ensure_loop()
         fut: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
-        self._pending.append((events, fut))
+        self._pending.append(_Waiter(events, fut))
         self.queued += len(events)
         assert self._wake is not None
         self._wake.set()
@@ -169,17 +185,19 @@ class MicroBatcher(Generic[B]):
                     await asyncio.sleep(self.max_wait_s)
                 continue
             take, n = [], 0
-            while self._pending and (n == 0 or n + len(self._pending[0][0]) <= self.max_events):
+            while self._pending and (n == 0 or n + len(self._pending[0].events) <= self.max_events):
                 item = self._pending.pop(0)
                 take.append(item)
-                n += len(item[0])
+                n += len(item.events)
             self.queued -= n
-            events = [e for evs, _ in take for e in evs]
+            events = [e for w in take for e in w.events]
             self._preparing = events
             batch = await self._prepare(events, take)
             self._preparing = None
             if batch is None:
                 continue
+            if batch.deferred:
+                self._defer(take, len(events) - batch.deferred)
             self._decided.append((batch, take))
             if self._inflight is not None and not await self._settle():
                 self._decided.pop()  # this batch, decided on top of a commit that failed
@@ -239,19 +257,51 @@ class MicroBatcher(Generic[B]):
             except Exception:  # noqa: BLE001 - metrics must never fail a committed batch
                 log.exception("on_committed failed")
         i = 0
-        for evs, f in take:
-            if not f.done():
-                f.set_result(batch.results[i:i + len(evs)])
-            i += len(evs)
+        for w in take:
+            part = batch.results[i:i + len(w.events)]
+            i += len(w.events)
+            if w.rest is not None:
+                w.rest.prefix = w.prefix + part  # the caller's next part is answered with these
+            elif not w.fut.done():
+                w.fut.set_result(w.prefix + part if w.prefix else part)
         return True
 
-    @staticmethod
-    def _fail(take: list[_Waiter], e: BaseException) -> None:
+    def _defer(self, take: list[_Waiter], decided: int) -> None:
+        """Cut `take` after its first `decided` events; the rest goes back to the front of the queue."""
+        i = 0
+        back: list[_Waiter] = []
+        for k, w in enumerate(take):
+            if i + len(w.events) <= decided:
+                i += len(w.events)
+                continue
+            cut = decided - i
+            if cut > 0:
+                w.rest = _Waiter(w.events[cut:], w.fut)
+                w.events = w.events[:cut]
+                back = [w.rest, *take[k + 1:]]
+                del take[k + 1:]
+            else:
+                back = take[k:]
+                del take[k:]
+            break
+        self._pending[:0] = back
+        self.queued += sum(len(w.events) for w in back)
+        assert self._wake is not None
+        self._wake.set()
+
+    def _fail(self, take: list[_Waiter], e: BaseException) -> None:
         if take:
-            log.warning("batch of %d events failed: %s", sum(len(x) for x, _ in take), e)
-        for _, f in take:
-            if not f.done():
-                f.set_exception(e)
+            log.warning("batch of %d events failed: %s", sum(len(w.events) for w in take), e)
+        for w in take:
+            if not w.fut.done():
+                w.fut.set_exception(e)
+            # The caller's later part must not be applied before a retry of this one: drop it from the queue.
+            rest = w.rest
+            while rest is not None:
+                if rest in self._pending:
+                    self._pending.remove(rest)
+                    self.queued -= len(rest.events)
+                rest = rest.rest
 
     def close(self) -> None:
         """Stop the commit thread (after `drain`)."""

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from playbus.actors.engine.budgets import BudgetShortage
-from playbus.actors.engine.decisions import Decision
+from playbus.actors.engine.decisions import Decision, repeat_actions
 from playbus.actors.engine.engine import ShardEngine
 from playbus.actors.engine.keys import groups_of_shard, user_key
 from playbus.actors.store.catalog import ScriptCatalog
@@ -42,7 +42,9 @@ class PreparedBatch:
     journal: list[Decision]
     actions: list[dict[str, Any]]
     failed: list[dict[str, Any]]
-    size: int
+    size: int  # events decided
+    deferred: int = 0  # events at the end left for the next batch (the batch's decide time ran out)
+    earlier: list[tuple[int, str, str]] = field(default_factory=list)  # duplicates of earlier batches
 
 
 class ShardCore:
@@ -61,6 +63,7 @@ class ShardCore:
         self.generation = self.catalog.generation()
         self.engine = ShardEngine(config, budgets=self.budgets, scripts=self.catalog.all())
         self.groups = set(groups_of_shard(shard, config.shards, config.key_groups))
+        self.max_decide_s = config.batch.max_decide_ms / 1000
         self.stream_targets = {g: t.stream for g, t in config.targets.items() if t.stream}
         self.webhooks = {g for g, t in config.targets.items() if t.webhook}
         self._next_catalog_check = time.monotonic() + CATALOG_CHECK_S
@@ -104,7 +107,7 @@ class ShardCore:
             if missing:
                 for key, blob in self.store.load(missing).items():
                     eng.restore(key, blob)
-            outcome = eng.process(events, now)
+            outcome = eng.process(events, now, self.max_decide_s)
             deficit = self.budgets.deficit()
             if deficit:
                 raise BudgetShortage(
@@ -113,7 +116,7 @@ class ShardCore:
                     ";".join(f"{c}\x00{b}={n}" for (c, b), n in deficit.items()))
             dirty = eng.take_dirty()
             return PreparedBatch(outcome.results, dirty, eng.snapshot(dirty), outcome.journal, outcome.actions,
-                                 outcome.failed, len(events))
+                                 outcome.failed, len(outcome.results), outcome.deferred, outcome.earlier)
         except BaseException:
             self.budgets.rollback(mark)
             raise
@@ -159,6 +162,10 @@ class ShardCore:
         t = time.perf_counter()
         self.store.commit(self.epochs, batch.snapshots, batch.journal, batch.actions, batch.failed,
                           self.stream_targets, self.webhooks)
+        if batch.earlier:  # duplicates answer with their first processing's actions, from the journals
+            keys = {key for _, key, _ in batch.earlier}
+            journals = {k: entries[::-1] for k, entries in self.store.journals(keys).items()}
+            repeat_actions(batch.results, batch.earlier, journals)
         self.last_commit_ms = (time.perf_counter() - t) * 1000
         self.commit_ms.append(self.last_commit_ms)
         self.batches += 1

@@ -168,6 +168,19 @@ class RedisStore:
         raw = self.client.lrange(self.journal_key(user_key), 0, n - 1)
         return [Decision.from_packed(msgpack.unpackb(b, raw=False, strict_map_key=False)) for b in raw]
 
+    def journals(self, user_keys: Iterable[str], limit: int | None = None) -> dict[str, list[dict[str, Any]]]:
+        """The journals of several users (newest first), in one pipelined round trip."""
+        keys = list(user_keys)
+        if not keys:
+            return {}
+        n = self.journal_limit if limit is None else limit
+        pipe = self.client.pipeline(transaction=False)
+        for k in keys:
+            pipe.lrange(self.journal_key(k), 0, n - 1)
+        self.round_trips += 1
+        return {k: [Decision.from_packed(msgpack.unpackb(b, raw=False, strict_map_key=False)) for b in raw]
+                for k, raw in zip(keys, pipe.execute(), strict=True)}
+
     # -- the commit --------------------------------------------------------------------------------
     def commit(
         self,

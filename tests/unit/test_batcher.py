@@ -25,6 +25,7 @@ class Batch:
     results: list[dict[str, Any]]
     dirty: set[str]
     events: list[Any] = field(default_factory=list)
+    deferred: int = 0
 
 
 class FakeCore:
@@ -47,6 +48,7 @@ class FakeCore:
         self.prefetch_due = False
         self.prefetch_fails = False
         self.prefetches = 0
+        self.decide_at_most = 0  # > 0: each batch decides only this many events and defers the rest
 
     def prepare(self, events: list[Any]) -> Batch:
         self.prepared.append(list(events))
@@ -57,6 +59,10 @@ class FakeCore:
                 raise ShortLease(e["id"])
         if any(e["id"] in self.fail_prepare for e in events):
             raise RuntimeError("decide failed")
+        if self.decide_at_most and len(events) > self.decide_at_most:  # the decide time ran out
+            done = events[:self.decide_at_most]
+            return Batch([{"id": e["id"], "status": "applied"} for e in done], {e["user"] for e in done}, done,
+                         len(events) - len(done))
         return Batch([{"id": e["id"], "status": "applied"} for e in events], {e["user"] for e in events}, events)
 
     def commit(self, batch: Batch) -> None:
@@ -286,3 +292,33 @@ def test_a_caller_whose_batch_never_settles_gets_an_error_after_the_answer_timeo
         core.gate.set()
 
     run(main())
+
+
+def test_deferred_events_go_back_in_order_and_each_caller_is_answered_once_all_its_events_are() -> None:
+    core = FakeCore()
+    core.decide_at_most = 2
+
+    async def main() -> list[Any]:
+        b = MicroBatcher(core, max_events=100, max_wait_s=0.01)
+        return await asyncio.gather(b.submit([ev(1), ev(2), ev(3)]), b.submit([ev(4)]), b.submit([ev(5), ev(6)]))
+
+    a, b, c = run(main())
+    assert [r["id"] for r in a] == ["e1", "e2", "e3"] and [r["id"] for r in b] == ["e4"]
+    assert [r["id"] for r in c] == ["e5", "e6"]
+    assert core.committed == [["e1", "e2"], ["e3", "e4"], ["e5", "e6"]]  # order kept across batches
+
+
+def test_when_a_caller_s_first_part_fails_its_deferred_rest_is_not_applied() -> None:
+    core = FakeCore()
+    core.decide_at_most = 2
+    core.fail_commit = {"e1"}
+
+    async def main() -> BaseException | list[Any]:
+        b = MicroBatcher(core, max_events=100, max_wait_s=0)
+        out: BaseException | list[Any] = (await asyncio.gather(b.submit([ev(1), ev(2), ev(3)]),
+                                                              return_exceptions=True))[0]
+        await b.drain()
+        return out
+
+    assert isinstance(run(main()), ConnectionError)
+    assert ["e3"] not in core.committed and all("e3" not in c for c in core.committed)

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from playbus.actors.engine import LocalBudgets, ShardEngine
+from playbus.actors.engine.decisions import repeat_actions
+from playbus.actors.engine.keys import user_key
 from playbus.config import load_config
 
 CONFIG = Path(__file__).resolve().parents[2] / "config"
@@ -34,6 +36,9 @@ class Run:
             self.results, self.journal = [], []
             for ev in self.events:
                 out = self.engine.process([ev], now_ms=NOW_MS)
+                journals = {k: [j for j in self.journal if user_key(j["campaign"], j["user"]) == k]
+                            for _, k, _ in out.earlier}
+                repeat_actions(out.results, out.earlier, journals)  # duplicates of earlier batches, as a shard
                 self.results += out.results
                 self.journal += out.journal
 
@@ -76,7 +81,7 @@ def test_every_event_has_one_result_and_no_rule_fails(run: Run) -> None:
 
 
 def test_every_action_id_is_unique_and_names_its_cause_and_rule(run: Run) -> None:
-    actions = [a for r in run.results for a in r["actions"]]
+    actions = [a for r in run.results if r["status"] == "applied" for a in r["actions"]]
     assert len(actions) == 24
     assert len({a["id"] for a in actions}) == len(actions)
     for r in run.results:
@@ -91,10 +96,12 @@ def test_first_quiz_answer_grants_one_lottery_chance(run: Run) -> None:
     assert run.context("u-alice") == {"quiz.answered": 2}
 
 
-def test_a_retried_event_id_is_a_duplicate_with_no_effect(run: Run) -> None:
+def test_a_retried_event_id_is_a_duplicate_that_repeats_its_actions_and_has_no_effect(run: Run) -> None:
     dup = run.result("evt-quiz-0001", nth=1)
     assert (dup["id"], dup["status"]) == ("evt-quiz-0001", "duplicate")
-    assert list(dup["actions"]) == [] and list(dup["errors"]) == []
+    assert dup["actions"] == run.result("evt-quiz-0001")["actions"] != []
+    assert list(dup["errors"]) == []
+    assert len([j for j in run.journal if j["event"] == "evt-quiz-0001"]) == 1  # decided once
 
 
 def test_event_before_the_campaign_window_is_applied_without_running_rules(run: Run) -> None:
