@@ -19,6 +19,9 @@ import threading
 from typing import Any
 
 log = logging.getLogger("playbus")
+WATCH_S = 5.0
+PROBE_TIMEOUT_S = 5.0
+UNRESPONSIVE_ROUNDS = 3
 NAMESPACE = "playbus"
 
 
@@ -46,6 +49,7 @@ class Cluster:
         self.delivery: Any = None
         self.serve_started = False
         self.ray_started = False
+        self.silent: dict[int, int] = {}  # shard -> health calls it has not answered in a row
 
     def start(self) -> str:
         from playbus.config.errors import ConfigError
@@ -103,7 +107,9 @@ class Cluster:
         ray.get(self.stream.start.remote())
         serve.start(http_options={"host": self.args.host, "port": self.args.port})
         self.serve_started = True
-        serve.run(Ingress.bind(config, self.shards, redis_url), name="playbus", route_prefix="/")  # type: ignore[attr-defined]
+        components = {"stream_reader": self.stream, "delivery": self.delivery}
+        app = Ingress.bind(config, self.shards, redis_url, components)  # type: ignore[attr-defined]
+        serve.run(app, name="playbus", route_prefix="/")
         url = f"http://{self.args.host}:{self.args.port}"
         print(f"playbus: listening on {url}  (POST {url}/v1/events, GET {url}/healthz; "
               f"stream ingress: XADD playbus:in * event <json> on {redis_url})", flush=True)
@@ -134,11 +140,30 @@ class Cluster:
             client.close()
 
     def watch(self) -> None:
-        """Keep the background loops running after an actor restart (start() is idempotent)."""
+        """Supervision, every WATCH_S: keep the stream reader's loop running after an actor restart (start() is
+        idempotent; the delivery actor restarts its own loop), and restart a shard that has not answered its
+        health call UNRESPONSIVE_ROUNDS times in a row (a stopped or wedged process, which Ray does not see as
+        dead): the new incarnation claims the shard's key groups with a higher epoch, which fences the old one."""
+        import ray
+
         try:
-            self.stream.start.remote()  # the delivery actor restarts its own loop in __init__
+            self.stream.start.remote()
         except Exception as e:  # noqa: BLE001 - the next round tries again
             log.debug("watchdog: %s", e)
+        probes = [s.health.remote() for s in self.shards]
+        for i, (shard, probe) in enumerate(zip(self.shards, probes, strict=True)):
+            try:
+                ray.get(probe, timeout=PROBE_TIMEOUT_S)
+                self.silent[i] = 0
+            except Exception as e:  # noqa: BLE001 - no answer in time, or the actor is restarting
+                self.silent[i] = self.silent.get(i, 0) + 1
+                log.warning("watchdog: shard %d did not answer its health call (%d in a row): %s", i,
+                            self.silent[i], type(e).__name__)
+                if self.silent[i] >= UNRESPONSIVE_ROUNDS:
+                    print(f"playbus: shard {i} has not answered for {self.silent[i]} rounds: restarting it",
+                          flush=True)
+                    ray.kill(shard, no_restart=False)
+                    self.silent[i] = 0
 
     def stop(self) -> None:
         """Stop taking input, let in-flight batches commit, give budget leases back, then end everything.
@@ -187,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         # After ray.init, which installs handlers of its own: ours only ask the main loop to stop.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        while not stop.wait(5):
+        while not stop.wait(WATCH_S):
             cluster.watch()
     finally:
         cluster.stop()

@@ -21,14 +21,16 @@ log = logging.getLogger("playbus.ingress")
 RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
-async def call_with_retry(handle: Any, method: str, args: Sequence[Any], deadline_s: float = 30.0) -> Any:
-    """Call an actor method, retrying while Ray restarts the actor (safe: batches are idempotent by id)."""
+async def call_with_retry(handle: Any, method: str, args: Sequence[Any], deadline_s: float = 30.0,
+                          call_timeout_s: float = 60.0) -> Any:
+    """Call an actor method, retrying while Ray restarts the actor (safe: batches are idempotent by id).
+    Each call waits at most `call_timeout_s` (a stopped or stuck actor answers nothing: TimeoutError)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline_s
     delay = 0.05
     while True:
         try:
-            return await getattr(handle, method).remote(*args)
+            return await asyncio.wait_for(getattr(handle, method).remote(*args), call_timeout_s)
         except RETRYABLE as e:
             if loop.time() + delay > end:
                 raise
@@ -45,13 +47,27 @@ async def call_with_retry(handle: Any, method: str, args: Sequence[Any], deadlin
 class Ingress:
     """POST /v1/events and the rest of the HTTP API."""
 
-    def __init__(self, config: Config, shards: list[Any], redis_url: str) -> None:
+    def __init__(self, config: Config, shards: list[Any], redis_url: str,
+                 components: dict[str, Any] | None = None) -> None:
+        """`components`: the background actors whose health /healthz reports (name -> actor handle)."""
         self.shards = shards
+        self.parts = dict(components or {})
 
         async def call(i: int, method: str, args: Sequence[Any]) -> Any:
             return await call_with_retry(self.shards[i], method, args)
 
-        self.core = IngressCore(config, call, redis_url)
+        self.core = IngressCore(config, call, redis_url, components=self.component_health if self.parts else None)
+
+    async def component_health(self) -> dict[str, dict[str, Any]]:
+        async def one(handle: Any) -> dict[str, Any]:
+            try:
+                h: dict[str, Any] = await asyncio.wait_for(handle.health.remote(), 5.0)
+                return h
+            except Exception as e:  # noqa: BLE001 - not answering is unhealthy
+                return {"ok": False, "problems": [f"no answer: {type(e).__name__}: {e}"[:300]]}
+
+        names = list(self.parts)
+        return dict(zip(names, await asyncio.gather(*(one(self.parts[n]) for n in names)), strict=True))
 
     async def __call__(self, request: Request) -> Response:
         length = request.headers.get("content-length")

@@ -8,8 +8,10 @@ every caller gets its own results only after that commit. Ray restarts a killed 
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import os
 import time
 from typing import Any
 
@@ -19,11 +21,13 @@ from ray.util import metrics
 
 from playbus.actors.service.batcher import MicroBatcher
 from playbus.actors.service.shard import PreparedBatch, ShardCore
+from playbus.actors.store.errors import FencedError
 from playbus.config.schema import Config
 
 __all__ = ["UserActivityActor"]
 
 log = logging.getLogger("playbus.shard")
+STUCK_AFTER_S = 30.0  # a caller waiting this long for its batch makes the shard unhealthy
 
 
 class _UserActivityActor:
@@ -33,6 +37,7 @@ class _UserActivityActor:
         self.core = ShardCore(config, shard, redis_url)
         self.batcher = MicroBatcher(self.core, config.batch.max_events, config.batch.max_wait_ms / 1000,
                                     on_committed=self._record)
+        self._exiting = False
         tags = {"shard": str(shard)}
         self._m_events = metrics.Counter("playbus_events", "events by result status", tag_keys=("shard", "status"))
         self._m_rule_errors = metrics.Counter("playbus_rule_errors", "failed rule runs", tag_keys=("shard",))
@@ -65,12 +70,24 @@ class _UserActivityActor:
     async def process(self, payload: bytes) -> bytes:
         """msgpack list of events in, msgpack list of results out (after the durable commit)."""
         events = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-        results = await self.batcher.submit(events)
+        results = await self.process_events(events)
         reply: bytes = msgpack.packb(results)
         return reply
 
     async def process_events(self, events: list[Any]) -> list[dict[str, Any]]:
-        return await self.batcher.submit(events)
+        try:
+            return await self.batcher.submit(events)
+        except FencedError:
+            self._exit_fenced()
+            raise
+
+    def _exit_fenced(self) -> None:
+        """A newer owner claimed our key groups: this process is a zombie. Exit (a crash, so that Ray restarts
+        the actor, and the new incarnation claims its groups with a higher epoch); the callers retry."""
+        if not self._exiting:
+            self._exiting = True
+            log.error("shard %d is fenced: exiting so that Ray restarts it", self.core.shard)
+            asyncio.get_running_loop().call_later(0.2, os._exit, 1)
 
     async def put_script(self, name: str, source: str, version: int) -> int:
         self.core.put_script(name, source, version)
@@ -86,6 +103,11 @@ class _UserActivityActor:
     async def health(self) -> dict[str, Any]:
         h = self.core.health()
         h["queued"] = self.batcher.queued
+        waited = self.batcher.oldest_wait_s()
+        h["oldest_wait_s"] = round(waited, 3)
+        if waited > STUCK_AFTER_S:
+            h["ok"] = False
+            h["problems"].append(f"stuck: a caller has waited {waited:.0f} s for its batch")
         return h
 
     async def commit_latencies(self) -> list[float]:

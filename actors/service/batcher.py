@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, Protocol, TypeVar
@@ -70,14 +71,15 @@ class _Waiter:
     """A caller's events (or what is left of them), its future, the results of its earlier parts, and the
     waiter of its next part when a batch deferred the rest of its events."""
 
-    __slots__ = ("events", "fut", "prefix", "rest")
+    __slots__ = ("events", "fut", "prefix", "rest", "since")
 
     def __init__(self, events: list[Any], fut: asyncio.Future[list[dict[str, Any]]],
-                 prefix: list[dict[str, Any]] | None = None) -> None:
+                 prefix: list[dict[str, Any]] | None = None, since: float | None = None) -> None:
         self.events = events
         self.fut = fut
         self.prefix = prefix or []
         self.rest: _Waiter | None = None
+        self.since = time.monotonic() if since is None else since  # when the caller submitted
 
 
 class MicroBatcher(Generic[B]):
@@ -120,6 +122,12 @@ class MicroBatcher(Generic[B]):
         except asyncio.TimeoutError:
             raise BatcherError(f"no answer within {self.answer_timeout_s:g} s (the batch may still commit); "
                                "retry with the same ids") from None
+
+    def oldest_wait_s(self) -> float:
+        """How long the longest-waiting caller not yet answered has waited (0 when none): a stuck shard's sign."""
+        waiters = [w for w in self._pending if not w.fut.done()]
+        waiters += [w for _, take in self._decided for w in take if not w.fut.done()]
+        return time.monotonic() - min(w.since for w in waiters) if waiters else 0.0
 
     async def drain(self) -> None:
         """Wait until everything queued so far has been answered."""
@@ -276,7 +284,7 @@ class MicroBatcher(Generic[B]):
                 continue
             cut = decided - i
             if cut > 0:
-                w.rest = _Waiter(w.events[cut:], w.fut)
+                w.rest = _Waiter(w.events[cut:], w.fut, since=w.since)
                 w.events = w.events[:cut]
                 back = [w.rest, *take[k + 1:]]
                 del take[k + 1:]

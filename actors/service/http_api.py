@@ -30,6 +30,7 @@ from playbus.scripting.errors import ScriptError
 __all__ = ["MAX_BODY", "MAX_EVENTS", "IngressCore", "Response"]
 
 log = logging.getLogger("playbus.ingress")
+HEALTH_TIMEOUT_S = 5.0
 
 ShardCall = Callable[[int, str, Sequence[Any]], Awaitable[Any]]
 
@@ -39,8 +40,11 @@ _CTX = re.compile(r"^/v1/campaigns/([^/]+)/users/([^/]+)/(context|decisions)$")
 class IngressCore:
     """One ingress replica's logic; `call_shard(i, method, args)` reaches shard i's actor."""
 
-    def __init__(self, config: Config, call_shard: ShardCall, redis_url: str, max_inflight: int = 50_000) -> None:
+    def __init__(self, config: Config, call_shard: ShardCall, redis_url: str, max_inflight: int = 50_000,
+                 components: Callable[[], Awaitable[dict[str, dict[str, Any]]]] | None = None) -> None:
+        """`components`: the health of the background components (stream reader, delivery) for /healthz."""
         self.config = config
+        self.components = components
         self.call_shard = call_shard
         self.router = Router(config.shards, config.key_groups)
         self.client = redis.Redis.from_url(redis_url, socket_timeout=10)
@@ -138,10 +142,18 @@ class IngressCore:
         return reply(200, {"decisions": [{k: e.get(k) for k in keep} for e in entries]})
 
     async def healthz(self) -> Response:
-        try:
-            replies = await asyncio.wait_for(
-                asyncio.gather(*(self.call_shard(s, "health", ()) for s in range(self.config.shards))), timeout=5)
-        except Exception as e:  # noqa: BLE001 - any shard not answering means unhealthy
-            return reply(503, {"ok": False, "error": f"{type(e).__name__}: {e}"}, {"retry-after": "1"})
-        return reply(200, {"ok": True, "shards": replies})
+        """200 when every shard answers and can commit and every background component runs; else 503, with
+        the same shape: {"ok", "shards": [one entry per shard], "components": {name: {...}}}."""
+        async def shard(i: int) -> dict[str, Any]:
+            try:
+                h: dict[str, Any] = await asyncio.wait_for(self.call_shard(i, "health", ()), HEALTH_TIMEOUT_S)
+                return h
+            except Exception as e:  # noqa: BLE001 - a shard that does not answer is unhealthy
+                return {"shard": i, "ok": False, "problems": [f"no answer: {type(e).__name__}: {e}"[:300]]}
+
+        shards = await asyncio.gather(*(shard(i) for i in range(self.config.shards)))
+        components = await self.components() if self.components is not None else {}
+        ok = all(s.get("ok", False) for s in shards) and all(c.get("ok", False) for c in components.values())
+        return reply(200 if ok else 503, {"ok": ok, "shards": shards, "components": components},
+                     None if ok else {"retry-after": "1"})
 

@@ -22,6 +22,7 @@ from playbus.actors.engine.keys import groups_of_shard, user_key
 from playbus.actors.store.catalog import ScriptCatalog
 from playbus.actors.store.commit import RedisStore
 from playbus.actors.store.durability import check_server
+from playbus.actors.store.errors import FencedError
 from playbus.actors.store.layout import check_layout
 from playbus.actors.store.leases import LeasedBudgets
 from playbus.config.schema import Config
@@ -72,6 +73,9 @@ class ShardCore:
         self.events = 0
         self.last_commit_ms = 0.0
         self.commit_ms: deque[float] = deque(maxlen=10_000)  # recent commit latencies, for metrics
+        self.fenced = False  # a newer owner claimed (some of) our key groups: this shard must exit
+        self.last_commit_error = ""
+        self.commit_failed_at = 0.0  # when the last commit failed, if no commit succeeded since
 
     # -- scripts -----------------------------------------------------------------------------------
     def put_script(self, name: str, source: str, version: int) -> None:
@@ -160,8 +164,15 @@ class ShardCore:
         """Write a prepared batch to Redis. Touches no engine state, so it may run on another thread while
         the next batch is decided; the caller forgets `batch.dirty` if it raises."""
         t = time.perf_counter()
-        self.store.commit(self.epochs, batch.snapshots, batch.journal, batch.actions, batch.failed,
-                          self.stream_targets, self.webhooks)
+        try:
+            self.store.commit(self.epochs, batch.snapshots, batch.journal, batch.actions, batch.failed,
+                              self.stream_targets, self.webhooks)
+        except Exception as e:
+            self.fenced = self.fenced or isinstance(e, FencedError)
+            self.last_commit_error = f"{type(e).__name__}: {e}"
+            self.commit_failed_at = time.monotonic()
+            raise
+        self.commit_failed_at = 0.0
         if batch.earlier:  # duplicates answer with their first processing's actions, from the journals
             keys = {key for _, key, _ in batch.earlier}
             journals = {k: entries[::-1] for k, entries in self.store.journals(keys).items()}
@@ -186,9 +197,22 @@ class ShardCore:
         return self.engine.context(campaign, user)
 
     def health(self) -> dict[str, Any]:
-        self.client.ping()
-        return {"shard": self.shard, "groups": len(self.groups), "users": len(self.engine.users),
-                "batches": self.batches, "events": self.events, "last_commit_ms": self.last_commit_ms}
+        """This shard's state; `ok` is False while it cannot commit (Redis refusing, fenced), or Redis does not
+        answer."""
+        problems = []
+        try:
+            self.client.ping()
+        except redis.RedisError as e:
+            problems.append(f"redis: {e}")
+        if self.fenced:
+            problems.append("fenced: another owner claimed its key groups")
+        elif self.commit_failed_at:
+            problems.append(f"cannot commit: {self.last_commit_error}")
+        disabled = self.engine.sandbox.disabled_rules()
+        return {"shard": self.shard, "ok": not problems, "problems": problems, "groups": len(self.groups),
+                "users": len(self.engine.users), "batches": self.batches, "events": self.events,
+                "last_commit_ms": self.last_commit_ms,
+                "disabled_rules": [{"rule": r, "why": why} for r, why in disabled]}
 
     def close(self) -> None:
         """Give unused budget leases back."""

@@ -16,8 +16,9 @@ from typing import Any
 
 import msgpack
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
+from playbus.actors.engine.errors import PlaybusError
 from playbus.actors.service.router import Router
 
 __all__ = ["IN_STREAM", "REJECTED_STREAM", "StreamIngress", "decode_entry"]
@@ -26,6 +27,7 @@ log = logging.getLogger("playbus.stream")
 IN_STREAM = "playbus:in"
 REJECTED_STREAM = "playbus:rejected"
 GROUP = "playbus"
+POISON_AFTER = 3  # failures of an entry processed alone, for reasons other than an outage, before it is rejected
 ShardCall = Callable[[int, str, Sequence[Any]], Awaitable[Any]]
 
 
@@ -56,7 +58,8 @@ class StreamIngress:
         self.count = count
         self.claim_idle_ms = claim_idle_ms
         self._slots = asyncio.Semaphore(inflight)
-        self.applied = self.duplicates = self.rejected = self.batches = 0
+        self.applied = self.duplicates = self.rejected = self.batches = self.poison = 0
+        self.failures: dict[bytes, int] = {}  # entry id -> non-transient failures of its processing
         self._reread = False
 
     async def _ensure_group(self) -> None:
@@ -122,12 +125,44 @@ class StreamIngress:
 
     async def _handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         try:
-            await self.handle_entries(entries)
-        except Exception as e:  # noqa: BLE001 - left pending: re-read after a restart or a claim
-            log.warning("stream ingress: batch of %d left pending: %s", len(entries), e)
-            self._reread = True
+            if any(eid in self.failures for eid, _ in entries):
+                for entry in entries:  # entries that failed before go one by one, so a poison one is found
+                    await self._handle_one([entry])
+            else:
+                await self._handle_one(entries)
         finally:
             self._slots.release()
+
+    async def _handle_one(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        try:
+            await self.handle_entries(entries)
+        except Exception as e:  # noqa: BLE001 - left pending: re-read after a restart or a claim
+            if not is_transient(e):
+                for eid, _ in entries:
+                    self.failures[eid] = self.failures.get(eid, 0) + 1
+                if len(entries) == 1 and self.failures[entries[0][0]] >= POISON_AFTER:
+                    await self._dead_letter(entries[0], e)
+                    return
+            log.warning("stream ingress: batch of %d left pending: %s", len(entries), e)
+            self._reread = True
+            return
+        for eid, _ in entries:
+            self.failures.pop(eid, None)
+
+    async def _dead_letter(self, entry: tuple[bytes, dict[bytes, bytes]], error: Exception) -> None:
+        """A poison entry (its processing failed POISON_AFTER times, alone, for a reason other than an outage):
+        to `playbus:rejected` with the reason, then acknowledged, so that the entries behind it go on."""
+        eid, fields = entry
+        reason = f"processing failed {self.failures.get(eid, 0)} times: {type(error).__name__}: {error}"[:1000]
+        log.error("stream ingress: entry %r is poison, moved to %s: %s", eid, REJECTED_STREAM, reason)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(REJECTED_STREAM, {"entry": eid, "event": (fields.get(b"event") or b"")[:65536], "reason": reason})
+        pipe.xack(IN_STREAM, GROUP, eid)
+        pipe.xdel(IN_STREAM, eid)
+        await pipe.execute()
+        self.failures.pop(eid, None)
+        self.rejected += 1
+        self.poison += 1
 
     async def handle_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         ids, events, bad = [], [], []
@@ -162,4 +197,9 @@ class StreamIngress:
 
     def stats(self) -> dict[str, int]:
         return {"applied": self.applied, "duplicates": self.duplicates, "rejected": self.rejected,
-                "batches": self.batches}
+                "batches": self.batches, "poison": self.poison}
+
+
+def is_transient(error: BaseException) -> bool:
+    """An outage (Redis, a shard restarting, a timeout, a batch to retry) rather than something about the entry."""
+    return isinstance(error, (OSError, TimeoutError, asyncio.TimeoutError, RedisError, PlaybusError))

@@ -69,7 +69,9 @@ class RedisServer:
         appendfsync: str = "everysec",
         startup_timeout: float = 10.0,
         extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
+        """`env`: extra environment variables of the server process (tests preload a probe with it)."""
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="playbus-redis-")
@@ -83,6 +85,7 @@ class RedisServer:
         self.appendfsync = appendfsync
         self.startup_timeout = startup_timeout
         self.extra_args = list(extra_args or [])
+        self.env = dict(env or {})
         self._fixed_port = port
         self.port = port or 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -149,7 +152,7 @@ class RedisServer:
             with open(self.dir / _OUT, "ab") as out:
                 self.proc = subprocess.Popen(
                     args, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    start_new_session=True,
+                    start_new_session=True, env={**os.environ, **self.env} if self.env else None,
                 )
         except OSError as e:
             raise RedisServerError(f"cannot run redis-server {self.binary!r}: {e.strerror or e}") from None

@@ -169,8 +169,8 @@ def test_dry_run_of_the_example_campaign_prints_one_json_line_per_event() -> Non
                      "type": "lottery.grant_chance", "campaign": "spring2026", "user": "u-alice",
                      "params": {"pool": "standard", "reason": "first_quiz", "chances": 1}, "cause": "evt-quiz-0001",
                      "rule": "first_quiz_lottery", "script_version": 1}]}
-    assert lines[2] == {"id": "evt-quiz-0001", "status": "duplicate", "actions": [], "errors": [],
-                        "context": {"quiz.answered": 2}}
+    assert lines[2] == {"id": "evt-quiz-0001", "status": "duplicate", "actions": lines[0]["actions"],
+                        "errors": [], "context": {"quiz.answered": 2}}  # a retry shows what the id granted
 
 
 def test_dry_run_with_a_bad_config_path_exits_2_with_a_message(tmp_path: Path) -> None:

@@ -53,8 +53,9 @@ def applied(eid: str, actions: list[dict[str, Any]] | None = None) -> dict[str, 
     return {"id": eid, "status": "applied", "actions": actions or [], "errors": []}
 
 
-def duplicate(eid: str) -> dict[str, Any]:
-    return {"id": eid, "status": "duplicate", "actions": [], "errors": []}
+def duplicate(eid: str, actions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A retry's result: the actions of the id's first processing again, nothing new."""
+    return {"id": eid, "status": "duplicate", "actions": actions or [], "errors": []}
 
 
 def results_of(reply: Reply) -> list[dict[str, Any]]:
@@ -98,7 +99,7 @@ def activate(playbus: Playbus, version: Any, name: str = "first_quiz") -> Reply:
 def test_a_single_json_event_is_applied_once_and_its_retry_is_a_duplicate(playbus: Playbus) -> None:
     e = event("single-1", "u-single")
     assert results_of(playbus.post_events(e)) == [applied("single-1", [chance("u-single", "single-1")])]
-    assert results_of(playbus.post_events(e)) == [duplicate("single-1")]
+    assert results_of(playbus.post_events(e)) == [duplicate("single-1", [chance("u-single", "single-1")])]
     assert playbus.context("u-single") == {"quiz.answered": 1}
 
 
@@ -110,7 +111,7 @@ def test_an_array_is_answered_in_request_order_across_shards(playbus: Playbus) -
     expected = []
     for i in range(12):
         if i == 5:
-            expected.append(duplicate("order-0"))
+            expected.append(duplicate("order-0", [chance(users[0], "order-0")]))
         user = users[i % len(users)]
         first = i < len(users)
         expected.append(applied(f"order-{i}", [chance(user, f"order-{i}")] if first else []))
@@ -125,7 +126,7 @@ def test_msgpack_bodies_single_and_array(playbus: Playbus) -> None:
     many = [event("mp-2", "u-mp"), event("mp-1", "u-mp"), {"id": "mp-bad", "campaign": CAMPAIGN}]
     assert results_of(playbus.post_events(many, msgpack_body=True)) == [
         applied("mp-2"),
-        duplicate("mp-1"),
+        duplicate("mp-1", [chance("u-mp", "mp-1")]),
         {"id": "mp-bad", "status": "rejected", "actions": [],
          "errors": ["user: expected a string of 1..256 characters, got nothing"]},
     ]
@@ -651,7 +652,8 @@ def test_stream_ingress_events_update_the_context(playbus: Playbus) -> None:
     first = decisions[-1]["event"]
     assert [d["actions"] for d in decisions] == [[], [chance(user, first)]]
     # The same id over HTTP is the same event.
-    assert results_of(playbus.post_events(event("stream-2", user))) == [duplicate("stream-2")]
+    again = [chance(user, "stream-2")] if first == "stream-2" else []
+    assert results_of(playbus.post_events(event("stream-2", user))) == [duplicate("stream-2", again)]
 
 
 def test_malformed_stream_entries_land_in_rejected(playbus: Playbus) -> None:

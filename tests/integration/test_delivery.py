@@ -32,6 +32,7 @@ class Call:
     content_type: str | None
     body: bytes
     at: float  # time.monotonic() on arrival
+    headers: dict[str, str]
 
 
 class Receiver:
@@ -63,7 +64,7 @@ class Receiver:
         with self._lock:
             n = sum(1 for c in self.calls if c.aid == aid)
             self.calls.append(Call(aid, request.headers.get("Idempotency-Key"),
-                                   request.headers.get("Content-Type"), body, time.monotonic()))
+                                   request.headers.get("Content-Type"), body, time.monotonic(), dict(request.headers)))
             plan = self.plans.get(aid, [(0.0, 200)])
         sleep, status = plan[min(n, len(plan) - 1)]
         if sleep:
@@ -303,3 +304,69 @@ def test_bad_settings_are_refused(clean_redis: Any) -> None:
         Deliverer(clean_redis, {}, [], "d1")
     with pytest.raises(DeliveryError, match="backoff"):
         Deliverer(clean_redis, {}, 1, "d1", base_backoff_s=5, max_backoff_s=1)
+
+
+def test_conflict_locked_and_too_early_are_answers_worth_another_try(clean_redis: Any, hook: Receiver) -> None:
+    r = clean_redis
+    hook.plans.update({"conflict": [(0, 409), (0, 200)], "locked": [(0, 423), (0, 423), (0, 201)],
+                       "early": [(0, 425), (0, 200)], "gone": [(0, 410)]})
+    for i, aid in enumerate(hook.plans):
+        push(r, i, action(aid))
+    d = Deliverer(r, wallet(hook.url), [0, 1, 2, 3], "d1", base_backoff_s=0.01)
+    until(lambda: settled(r, [0, 1, 2, 3]), d.run_once)
+    assert {aid: len(hook.of(aid)) for aid in hook.plans} == {"conflict": 2, "locked": 3, "early": 2, "gone": 1}
+    assert set(dead_letters(r)) == {"gone"}
+
+
+def test_a_target_down_longer_than_the_backoff_schedule_gets_its_actions_once_it_is_back(
+        clean_redis: Any, hook: Receiver) -> None:
+    """The default is to retry for 24 h: an outage of the wallet (here 1.5 s, with a 0.1 s backoff cap that
+    would have used up 8 attempts in under a second) dead-letters nothing."""
+    r = clean_redis
+    back_at = time.monotonic() + 1.5
+    hook.plans["deploy"] = [(0, 503)] * 400 + [(0, 200)]
+    push(r, 0, action("deploy"))
+    d = Deliverer(r, wallet(hook.url), [0], "d1", base_backoff_s=0.01, max_backoff_s=0.1, poll_s=0.005)
+
+    def step() -> None:
+        if time.monotonic() >= back_at:
+            hook.plans["deploy"] = [(0, 200)]
+        d.run_once()
+
+    until(lambda: settled(r, [0]), step, timeout=20)
+    assert not dead_letters(r) and len(hook.of("deploy")) > 8
+    assert hook.of("deploy")[-1].at >= back_at
+
+
+def test_retry_for_bounds_how_long_an_action_is_retried_without_max_attempts(clean_redis: Any,
+                                                                           hook: Receiver) -> None:
+    r = clean_redis
+    hook.plans["never"] = [(0, 503)]
+    push(r, 1, action("never"))
+    d = Deliverer(r, wallet(hook.url, retry_for="400ms"), [1], "d1", base_backoff_s=0.01, max_backoff_s=0.05,
+                  poll_s=0.005)
+    started = time.monotonic()
+    until(lambda: "never" in dead_letters(r), d.run_once, timeout=10)
+    calls = hook.of("never")
+    assert calls[-1].at - calls[0].at >= 0.4 and time.monotonic() - started < 5
+    assert int(dead_letters(r)["never"]["attempts"]) == len(calls) > 3
+
+
+def test_headers_and_an_hmac_signature_of_the_exact_body_go_with_every_attempt(clean_redis: Any,
+                                                                             hook: Receiver) -> None:
+    import hashlib
+    import hmac
+
+    r = clean_redis
+    hook.plans["signed"] = [(0, 500), (0, 200)]
+    push(r, 2, action("signed"))
+    targets = wallet(hook.url, headers={"Authorization": "Bearer wallet-token", "X-Tenant": "t1"}, secret="s3cret")
+    d = Deliverer(r, targets, [2], "d1", base_backoff_s=0.01)
+    until(lambda: settled(r, [2]), d.run_once)
+    calls = hook.of("signed")
+    assert len(calls) == 2
+    for c in calls:
+        assert c.headers["Authorization"] == "Bearer wallet-token" and c.headers["X-Tenant"] == "t1"
+        expected = "sha256=" + hmac.new(b"s3cret", c.body, hashlib.sha256).hexdigest()
+        assert c.headers["X-Playbus-Signature"] == expected
+    assert calls[0].body == calls[1].body
