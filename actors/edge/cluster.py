@@ -19,9 +19,9 @@ import threading
 from typing import Any
 
 log = logging.getLogger("playbus")
-WATCH_S = 5.0
-PROBE_TIMEOUT_S = 5.0
-UNRESPONSIVE_ROUNDS = 3
+WATCH_S = 2.0  # the watchdog's round: a pause, then the health calls
+PROBE_TIMEOUT_S = 3.0
+UNRESPONSIVE_ROUNDS = 3  # a shard silent this many rounds in a row (about 15 s) is restarted
 NAMESPACE = "playbus"
 
 
@@ -142,7 +142,7 @@ class Cluster:
     def watch(self) -> None:
         """Supervision, every WATCH_S: keep the stream reader's loop running after an actor restart (start() is
         idempotent; the delivery actor restarts its own loop), and restart a shard that has not answered its
-        health call UNRESPONSIVE_ROUNDS times in a row (a stopped or wedged process, which Ray does not see as
+        health call in UNRESPONSIVE_ROUNDS rounds in a row (a stopped or wedged process, which Ray does not see as
         dead): the new incarnation claims the shard's key groups with a higher epoch, which fences the old one."""
         import ray
 
@@ -151,9 +151,13 @@ class Cluster:
         except Exception as e:  # noqa: BLE001 - the next round tries again
             log.debug("watchdog: %s", e)
         probes = [s.health.remote() for s in self.shards]
+        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=PROBE_TIMEOUT_S)
+        answered = set(ready)
         for i, (shard, probe) in enumerate(zip(self.shards, probes, strict=True)):
             try:
-                ray.get(probe, timeout=PROBE_TIMEOUT_S)
+                if probe not in answered:
+                    raise TimeoutError(f"no answer within {PROBE_TIMEOUT_S:g} s")
+                ray.get(probe, timeout=0)
                 self.silent[i] = 0
             except Exception as e:  # noqa: BLE001 - no answer in time, or the actor is restarting
                 self.silent[i] = self.silent.get(i, 0) + 1
