@@ -33,7 +33,7 @@ def parse_duration(text: str) -> float:
     """Seconds of a duration such as "500ms", "2s", "10m", "24h" or "7d"; ValueError otherwise."""
     m = _DURATION.match(text) if isinstance(text, str) else None
     if m is None:
-        raise ValueError(f"expected a duration like '2s', '10m' or '24h', got {text!r}")
+        raise ValueError("expected a duration like '500ms', '2s', '10m', '24h' or '7d'")
     return float(m.group(1)) * _UNIT_S[m.group(2)]
 _ACTION_TYPE = r"^[a-z0-9_]+(\.[A-Za-z0-9_\-]+)+$"
 _EVENT_TYPE = r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$"
@@ -148,9 +148,14 @@ class CapConfig(_Strict):
     period: Literal["day", "week", "campaign"]
 
     @property
-    def key(self) -> str:
-        """The id counters are kept under."""
+    def cap_id(self) -> str:
+        """The cap's id: given, or derived from action, period and limit."""
         return self.id if self.id is not None else f"{self.action}/{self.period}/{self.per_user}"
+
+    @property
+    def key(self) -> str:
+        """What counters are kept under: the id, and the period for a given id (days and weeks do not mix)."""
+        return f"{self.id}@{self.period}" if self.id is not None else self.cap_id
 
 
 class BudgetConfig(_Strict):
@@ -200,10 +205,10 @@ class CampaignConfig(_Strict):
             seen.add(r.id)
         keys: set[str] = set()
         for i, c in enumerate(self.caps):
-            if c.key in keys:
+            if c.cap_id in keys:
                 where = ("caps", i, "id") if c.id is not None else ("caps", i)
-                raise FieldCheckError(where, f"two caps with the id {c.key!r}; give one of them another 'id'")
-            keys.add(c.key)
+                raise FieldCheckError(where, f"two caps with the id {c.cap_id!r}; give one of them another 'id'")
+            keys.add(c.cap_id)
         names: set[str] = set()
         for i, b in enumerate(self.budgets):
             if b.name in names:

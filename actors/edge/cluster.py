@@ -131,7 +131,9 @@ class Cluster:
             check_server(client, config.durability.fsync)
             check_layout(client, config.key_groups)
             for name, version in deploy_scripts(ScriptCatalog(client), config):
-                print(f"playbus: script {name}: its file changed, version {version} is now active", flush=True)
+                what = "version 1 loaded from its file" if version == 1 else \
+                    f"its file changed, version {version} is now active"
+                print(f"playbus: script {name}: {what}", flush=True)
         except StoreError as e:
             raise SystemExit(f"playbus: {self.args.config}: {e}") from None
         except redis.RedisError as e:

@@ -23,6 +23,7 @@ class CapBook:
         self.by_position = [cap.key for cap in caps]  # for snapshots of version 1, which counted by position
         for cap in caps:
             self.by_action.setdefault(cap.action, []).append((cap.key, cap))
+        self.ids = {cap.key: cap.cap_id for cap in caps}
 
     @staticmethod
     def _period(cap: CapConfig, day: int) -> int:
@@ -39,9 +40,9 @@ class CapBook:
             period = self._period(cap, day)
             used = periods.get(period, 0) if periods else 0
             if used >= cap.per_user:
-                return f"cap:{i}: at most {cap.per_user} {action} per user per {cap.period}"
+                return f"cap:{self.ids[i]}: at most {cap.per_user} {action} per user per {cap.period}"
             if periods and period not in periods and len(periods) >= KEEP_PERIODS and period < min(periods):
-                return f"cap:{i}: {action} for a {cap.period} older than the {KEEP_PERIODS} counted"
+                return f"cap:{self.ids[i]}: {action} for a {cap.period} older than the {KEEP_PERIODS} counted"
         return ""
 
     def count(self, counters: dict[str, dict[int, int]], action: str, day: int) -> None:

@@ -7,6 +7,7 @@ and the users whose state changed. Decisions depend only on (event, context, scr
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -94,7 +95,7 @@ class ShardEngine:
             if s["active"]:
                 self.scripts.activate(s["name"], s["active"])
         self.window = config.dedup_window
-        self.horizon_s = int(config.dedup_horizon_s)
+        self.horizon_s = math.ceil(config.dedup_horizon_s)  # receive times are whole seconds
         self.max_ids = config.dedup_max_ids
         self.users: dict[str, UserState] = {}
         self.dirty: set[str] = set()
@@ -140,11 +141,13 @@ class ShardEngine:
         return self.scripts.add(name, source, version)
 
     def activate(self, name: str, version: int) -> None:
-        """Every rule using `name` runs `version` from the next batch on."""
+        """Every rule using `name` runs `version` from the next batch on (a rule already running it is left
+        alone: a rule disabled for failing its budget stays disabled until another version is activated)."""
         handle = self.scripts.activate(name, version)
         for rule in self._rules_by_script.get(name, ()):
-            self.sandbox.set_rule_script(rule.handle, handle)
-            rule.version = version
+            if rule.version != version:
+                self.sandbox.set_rule_script(rule.handle, handle)
+                rule.version = version
 
     # -- the micro-batch ---------------------------------------------------------------------------
     def process(self, events: list[Any], now_ms: int, max_seconds: float | None = None) -> BatchOutcome:

@@ -18,7 +18,7 @@ import redis
 from playbus.actors.engine.budgets import BudgetShortage
 from playbus.actors.engine.decisions import Decision, repeat_actions
 from playbus.actors.engine.engine import ShardEngine
-from playbus.actors.engine.keys import groups_of_shard, user_key
+from playbus.actors.engine.keys import group_prefix, groups_of_shard, user_key
 from playbus.actors.store.catalog import ScriptCatalog
 from playbus.actors.store.commit import RedisStore
 from playbus.actors.store.durability import check_server
@@ -30,6 +30,7 @@ from playbus.config.schema import Config
 __all__ = ["PreparedBatch", "ShardCore", "deploy_scripts"]
 
 log = logging.getLogger("playbus.shard")
+WRITE_PROBE_AFTER_S = 5.0  # after a failed commit, /healthz probes with a write this long after it
 CATALOG_CHECK_S = 0.5  # how often a shard compares its scripts with the catalog (activations land within 1 s)
 
 
@@ -207,12 +208,23 @@ class ShardCore:
         if self.fenced:
             problems.append("fenced: another owner claimed its key groups")
         elif self.commit_failed_at:
-            problems.append(f"cannot commit: {self.last_commit_error}")
+            if time.monotonic() - self.commit_failed_at > WRITE_PROBE_AFTER_S and self._write_probe():
+                self.commit_failed_at = 0.0  # Redis takes writes again: the next batch will commit
+            else:
+                problems.append(f"cannot commit: {self.last_commit_error}")
         disabled = self.engine.sandbox.disabled_rules()
         return {"shard": self.shard, "ok": not problems, "problems": problems, "groups": len(self.groups),
                 "users": len(self.engine.users), "batches": self.batches, "events": self.events,
                 "last_commit_ms": self.last_commit_ms,
                 "disabled_rules": [{"rule": r, "why": why} for r, why in disabled]}
+
+    def _write_probe(self) -> bool:
+        """Whether Redis takes a write in one of this shard's key groups now (after a failed commit)."""
+        try:
+            self.client.set(group_prefix(min(self.groups)) + "probe", str(time.time()), px=60_000)
+            return True
+        except redis.RedisError:
+            return False
 
     def close(self) -> None:
         """Give unused budget leases back."""
@@ -224,6 +236,7 @@ class ShardCore:
 
 def deploy_scripts(catalog: ScriptCatalog, config: Config) -> list[tuple[str, int]]:
     """Load every rule's script file into the catalog; the (name, version) pairs that became active."""
+    catalog.migrate_legacy()
     deployed: list[tuple[str, int]] = []
     seen: set[str] = set()
     for c in config.campaigns:

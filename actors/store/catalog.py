@@ -26,6 +26,7 @@ __all__ = ["ScriptCatalog"]
 
 NAMES = "playbus:{catalog}:scripts"
 GENERATION = "playbus:{catalog}:generation"
+LEGACY_NAMES = "playbus:scripts"  # where playbus 0.1 kept script names (see migrate_legacy)
 
 
 def _key(name: str) -> str:
@@ -44,6 +45,24 @@ class ScriptCatalog:
         self._deploy = client.register_script(lua("catalog_deploy"))
         self._add = client.register_script(lua("catalog_add"))
         self._activate = client.register_script(lua("catalog_activate"))
+
+    def migrate_legacy(self) -> list[str]:
+        """Copy scripts stored under the keys of playbus 0.1 (`playbus:scripts`, `playbus:script:<name>`) to
+        the catalog's keys, once: the names copied."""
+        copied = []
+        legacy: Any = self.client.smembers(LEGACY_NAMES)
+        for raw in legacy:
+            name = _text(raw)
+            if self.client.exists(_key(name)):
+                continue
+            fields: Any = self.client.hgetall(f"playbus:script:{name}")
+            if fields:
+                self.client.hset(_key(name), mapping=fields)
+                self.client.sadd(NAMES, name)
+                copied.append(name)
+        if copied:
+            self.client.incr(GENERATION)
+        return copied
 
     def deploy(self, name: str, source: str) -> tuple[bool, int]:
         """Load a script file: (whether it became a new active version, the active version)."""

@@ -41,9 +41,12 @@ def check_server(client: Any, fsync: str = "everysec") -> bool:
             f"an outbox entry); playbus needs 'noeviction' (CONFIG SET maxmemory-policy noeviction)")
     if fsync != "always":
         return False
-    if server_version(client) >= (7, 2):
-        return True
     aof, every = _config(client, "appendonly"), _config(client, "appendfsync")
+    if server_version(client) >= (7, 2):
+        if aof != "yes":
+            raise RedisSettingsError("durability.fsync is 'always', but this Redis runs with appendonly "
+                                     f"{aof!r}: WAITAOF needs the AOF (CONFIG SET appendonly yes)")
+        return True
     if aof != "yes" or every != "always":
         version = ".".join(map(str, server_version(client)))
         raise RedisSettingsError(

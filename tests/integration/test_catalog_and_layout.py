@@ -148,3 +148,12 @@ def test_fsync_always_needs_waitaof_or_appendfsync_always(tmp_path: Path) -> Non
     with RedisServer(tmp_path / "always", appendfsync="always") as strict:
         assert check_server(strict.client(), "always") in (True, False)  # accepted either way
         assert strict.client().config_get("appendfsync")["appendfsync"] == "always"
+
+
+def test_scripts_of_playbus_0_1_are_carried_over_once(clean_redis: Any) -> None:
+    clean_redis.sadd("playbus:scripts", "quiz")
+    clean_redis.hset("playbus:script:quiz", mapping={"v:1": FIRST_QUIZ, "v:2": TWO_CHANCES, "next": 2, "active": 2})
+    catalog = ScriptCatalog(clean_redis)
+    assert catalog.migrate_legacy() == ["quiz"] and catalog.migrate_legacy() == []
+    assert catalog.get("quiz") == {"name": "quiz", "active": 2, "versions": {1: FIRST_QUIZ, 2: TWO_CHANCES}}
+    assert catalog.deploy("quiz", FIRST_QUIZ) == (False, 2)  # the operators' version 2 stays active

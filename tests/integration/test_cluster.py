@@ -518,6 +518,8 @@ def test_zombie_shard_is_fenced_and_writes_nothing(config: Config, redis_server:
                 zombie.process(batch("two"))
             assert sorted(err.value.group_list) == groups  # every group the batch touched
             assert redis_fingerprint(clean_redis) == before, "a fenced zombie wrote to Redis"
+            health = zombie.health()
+            assert not health["ok"] and any(p.startswith("fenced") for p in health["problems"])
             with pytest.raises(FencedError):
                 zombie.process(batch("three"))
             assert redis_fingerprint(clean_redis) == before
@@ -534,3 +536,52 @@ def test_zombie_shard_is_fenced_and_writes_nothing(config: Config, redis_server:
     finally:
         zombie.close()
 
+
+
+# -- 7. supervision --------------------------------------------------------------------------------------------
+def test_a_fenced_shard_exits_ray_restarts_it_and_it_serves_again(cluster: Cluster, redis_client: Any) -> None:
+    core = cluster.core
+    assert core is not None
+    users = users_on_shard(1, 4, "f")
+    groups = sorted({RedisStore(redis_client, 16).group_of(f"{CAMPAIGN}\x00{u}") for u in users})
+
+    async def scenario() -> None:
+        res, _ = await post_until_ok(core, [event(f"f1-{u}", u) for u in users])
+        assert statuses(res) == ["applied"] * len(users)
+        before = await cluster.pid(1)
+        RedisStore(redis_client, 16).claim(groups)  # another owner claims the groups: shard 1 is now a zombie
+        res, failures = await post_until_ok(core, [event(f"f2-{u}", u) for u in users])
+        assert failures >= 1  # the fenced batch failed; its retry reached the restarted shard
+        assert set(statuses(res)) <= {"applied"} and len(res) == len(users)
+        after = await cluster.pid(1)
+        assert after != before, "the fenced shard did not exit"
+        assert [await context_of(core, u) for u in users] == [{"tick.count": 2}] * len(users)
+
+    run(scenario())
+
+
+def test_healthz_is_503_with_every_shard_listed_while_a_shard_cannot_commit(cluster: Cluster,
+                                                                          redis_client: Any) -> None:
+    core = cluster.core
+    assert core is not None
+
+    async def scenario() -> None:
+        used = int(redis_client.info("memory")["used_memory"])
+        redis_client.config_set("maxmemory", used + 1024)  # writes refused: commits fail
+        try:
+            st, _ = await post(core, [event("h-oom", "h-oom-user")])
+            assert st == 503
+            st, headers, body = await core.handle("GET", "/healthz", "", {}, b"")
+            doc = json.loads(body)
+            assert st == 503 and headers.get("retry-after") == "1"
+            assert doc["ok"] is False and len(doc["shards"]) == 2
+            sick = [s for s in doc["shards"] if not s["ok"]]
+            assert sick and any("cannot commit" in p for s in sick for p in s["problems"])
+        finally:
+            redis_client.config_set("maxmemory", 0)
+        res, _ = await post_until_ok(core, [event("h-oom", "h-oom-user")])
+        assert statuses(res) == ["applied"]
+        st, _, body = await core.handle("GET", "/healthz", "", {}, b"")
+        assert st == 200 and json.loads(body)["ok"] is True
+
+    run(scenario())

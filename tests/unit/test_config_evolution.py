@@ -120,3 +120,11 @@ def test_two_different_script_files_with_one_name_are_refused(tmp_path: Path) ->
         load_config(path)
     rules[1]["script"] = "a/reward"  # one file used by two rules is fine
     load_config(write_config(tmp_path, {}, rules))
+
+
+def test_a_cap_with_an_explicit_id_whose_period_changes_counts_afresh(tmp_path: Path) -> None:
+    a = make_engine(tmp_path, {"always": ALWAYS}, [R_ALWAYS], caps=[{**DAILY_2, "id": "chances"}])
+    out = a.process([ev(i) for i in range(3)], T0)
+    assert out.journal[2]["refused"][0]["reason"].startswith("cap:chances: at most 2")
+    b = restart(a, tmp_path, caps=[{**DAILY_2, "id": "chances", "period": "week"}])  # days and weeks never mix
+    assert granted(b, [3, 4, 5]) == [1, 1, 0]

@@ -156,3 +156,17 @@ def test_a_batch_whose_rules_use_up_its_time_defers_the_rest_untouched(tmp_path:
     straight.process(events, T0)
     keys = sorted(straight.users)
     assert eng.contexts(keys) == straight.contexts(keys)  # the same decisions as one undeferred batch
+
+
+def test_activating_the_version_a_disabled_rule_already_runs_keeps_it_disabled(tmp_path: Path) -> None:
+    loop = "function decide(e, ctx) while true do end end"
+    eng: ShardEngine = make_engine(tmp_path, {"loop": loop}, [{"id": "loop", "on": "quiz.answered", "script": "loop"}],
+                                   sandbox={"max_instructions": 10_000, "disable_after": 2})
+    eng.process([ev(i, user=f"u{i}") for i in range(3)], T0)
+    assert [r for r, _ in eng.sandbox.disabled_rules()] == ["loop"]
+    eng.activate("loop", 1)  # a reconcile with the catalog re-activates what is already active
+    assert [r for r, _ in eng.sandbox.disabled_rules()] == ["loop"]
+    eng.put_script("loop", "function decide(e, ctx) ctx:set('ok', true) end", 2)
+    eng.activate("loop", 2)
+    assert eng.sandbox.disabled_rules() == []
+    assert eng.process([ev(9)], T0).results[0]["errors"] == []
