@@ -1,4 +1,5 @@
-"""Cluster start-up: Redis, the shards, the ingress, the stream reader and delivery, and a clean stop.
+"""Cluster start-up: Redis, the shards (each reading its input partitions), the ingress, the input router and
+delivery, and a clean stop.
 
     run_cluster [--config FILE] [--port N] [--redis URL] [--address RAY_ADDRESS] [--shards N]
     (or `python run_cluster.py ...` in a checkout)
@@ -26,7 +27,7 @@ NAMESPACE = "playbus"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Start playbus: shards, HTTP ingress, stream ingress, delivery.")
+    p = argparse.ArgumentParser(description="Start playbus: shards, HTTP ingress, the input router, delivery.")
     p.add_argument("--config", help="campaign config (default: config/example.yaml here, else the packaged example)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: %(default)s)")
@@ -45,7 +46,7 @@ class Cluster:
         self.args = args
         self.redis_server: Any = None
         self.shards: list[Any] = []
-        self.stream: Any = None
+        self.router: Any = None
         self.delivery: Any = None
         self.serve_started = False
         self.ray_started = False
@@ -94,25 +95,26 @@ class Cluster:
         from playbus.actors.edge.delivery_actor import DeliveryActor
         from playbus.actors.edge.serve_app import Ingress
         from playbus.actors.edge.shard_actor import UserActivityActor
-        from playbus.actors.edge.stream_actor import StreamIngressActor
+        from playbus.actors.edge.router_actor import InputRouterActor
 
         print(f"playbus: starting {config.shards} shards over {config.key_groups} key groups", flush=True)
         self.shards = [
             UserActivityActor.options(name=f"playbus-shard-{i}").remote(config, i, redis_url)
             for i in range(config.shards)
         ]
-        ray.get([s.health.remote() for s in self.shards])
+        ray.get([s.start.remote() for s in self.shards])  # each reads its input partitions
         self.delivery = DeliveryActor.options(name="playbus-delivery").remote(redis_url, config)
-        self.stream = StreamIngressActor.options(name="playbus-stream").remote(config, self.shards, redis_url)
-        ray.get(self.stream.start.remote())
+        self.router = InputRouterActor.options(name="playbus-router").remote(config, redis_url)
+        ray.get(self.router.start.remote())
         serve.start(http_options={"host": self.args.host, "port": self.args.port})
         self.serve_started = True
-        components = {"stream_reader": self.stream, "delivery": self.delivery}
+        components = {"input_router": self.router, "delivery": self.delivery}
         app = Ingress.bind(config, self.shards, redis_url, components)  # type: ignore[attr-defined]
         serve.run(app, name="playbus", route_prefix="/")
         url = f"http://{self.args.host}:{self.args.port}"
         print(f"playbus: listening on {url}  (POST {url}/v1/events, GET {url}/healthz; "
-              f"stream ingress: XADD playbus:in * event <json> on {redis_url})", flush=True)
+              f"streams on {redis_url}: XADD playbus:in * event <json>, or record batches to the partitions "
+              f"playbus:{{kgN}}:in)", flush=True)
         return url
 
     def _prepare_redis(self, config: Any, redis_url: str) -> None:
@@ -142,14 +144,15 @@ class Cluster:
             client.close()
 
     def watch(self) -> None:
-        """Supervision, every WATCH_S: keep the stream reader's loop running after an actor restart (start() is
-        idempotent; the delivery actor restarts its own loop), and restart a shard that has not answered its
+        """Supervision, every WATCH_S: keep the input router's loop running after an actor restart (start() is
+        idempotent; the delivery actor restarts its own loop; a shard starts its partition reader when it answers
+        its health call), and restart a shard that has not answered its
         health call in UNRESPONSIVE_ROUNDS rounds in a row (a stopped or wedged process, which Ray does not see as
         dead): the new incarnation claims the shard's key groups with a higher epoch, which fences the old one."""
         import ray
 
         try:
-            self.stream.start.remote()
+            self.router.start.remote()
         except Exception as e:  # noqa: BLE001 - the next round tries again
             log.debug("watchdog: %s", e)
         probes = [s.health.remote() for s in self.shards]
@@ -175,16 +178,16 @@ class Cluster:
         """Stop taking input, let in-flight batches commit, give budget leases back, then end everything.
 
         Every answered batch is already committed and the outboxes are durable, so nothing needs flushing
-        beyond the stream reader's in-flight batches (re-read and deduplicated if cut short anyway).
+        beyond what the readers have in flight (read again, and deduplicated, if cut short anyway).
         """
         import ray
 
         print("playbus: stopping ...", flush=True)
-        if self.stream is not None:
+        if self.router is not None:
             try:
-                ray.get(self.stream.stop.remote(), timeout=10)
+                ray.get(self.router.stop.remote(), timeout=10)
             except Exception as e:  # noqa: BLE001
-                log.warning("stream ingress stop: %s", e)
+                log.warning("input router stop: %s", e)
         if self.shards:
             try:
                 ray.get([s.close.remote() for s in self.shards], timeout=10)
@@ -199,7 +202,7 @@ class Cluster:
                     serve.delete("playbus")
                 except Exception as e:  # noqa: BLE001
                     log.warning("serve delete: %s", e)
-                for a in [*self.shards, self.stream, self.delivery]:
+                for a in [*self.shards, self.router, self.delivery]:
                     if a is not None:
                         ray.kill(a, no_restart=True)
             ray.shutdown()

@@ -20,6 +20,7 @@ import ray
 from ray.util import metrics
 
 from playbus.actors.service.batcher import MicroBatcher
+from playbus.actors.service.partition_reader import PartitionReader
 from playbus.actors.service.shard import PreparedBatch, ShardCore
 from playbus.actors.store.errors import FencedError
 from playbus.config.schema import Config
@@ -37,6 +38,11 @@ class _UserActivityActor:
         self.core = ShardCore(config, shard, redis_url)
         self.batcher = MicroBatcher(self.core, config.batch.max_events, config.batch.max_wait_ms / 1000,
                                     on_committed=self._record)
+        self.reader = PartitionReader(redis_url, sorted(self.core.groups), self._submit_read,
+                                      {c.id for c in config.campaigns}, chunk=config.batch.max_events)
+        self._reader_task: asyncio.Task[None] | None = None
+        self._reader_stop: asyncio.Event | None = None
+        self.reader_restarts = 0
         self._exiting = False
         tags = {"shard": str(shard)}
         self._m_events = metrics.Counter("playbus_events", "events by result status", tag_keys=("shard", "status"))
@@ -75,6 +81,7 @@ class _UserActivityActor:
         return reply
 
     async def process_events(self, events: list[Any]) -> list[dict[str, Any]]:
+        self._ensure_reader()
         try:
             return await self.batcher.submit(events)
         except FencedError:
@@ -100,8 +107,39 @@ class _UserActivityActor:
     async def context(self, campaign: str, user: str) -> dict[str, Any]:
         return self.core.context(campaign, user)
 
+    # -- the input partitions --------------------------------------------------------------------------
+    async def _submit_read(self, events: list[Any], offset: tuple[int, str], rejected: list[bytes]) -> list[Any]:
+        try:
+            return await self.batcher.submit(events, offset, rejected)
+        except FencedError:
+            self._exit_fenced()
+            raise
+
+    def _ensure_reader(self) -> None:
+        """Start the partition reader (on the actor's event loop), and start it again if it died."""
+        if self._reader_task is not None and not self._reader_task.done() or self._exiting:
+            return
+        if self._reader_task is not None:
+            self.reader_restarts += 1
+            exc = None if self._reader_task.cancelled() else self._reader_task.exception()
+            log.error("shard %d: the partition reader stopped (%r); starting it again", self.core.shard, exc)
+        self._reader_stop = asyncio.Event()
+        self._reader_task = asyncio.get_running_loop().create_task(self.reader.run(self._reader_stop))
+
+    async def start(self) -> bool:
+        """Start reading the input partitions (idempotent; health and process calls do it too)."""
+        self._ensure_reader()
+        return True
+
     async def health(self) -> dict[str, Any]:
+        self._ensure_reader()
         h = self.core.health()
+        running = self._reader_task is not None and not self._reader_task.done()
+        h["reader"] = {"running": running, "restarts": self.reader_restarts, "last_error": self.reader.last_error,
+                       **self.reader.stats}
+        if not running:
+            h["ok"] = False
+            h["problems"].append("the partition reader is not running")
         h["queued"] = self.batcher.queued
         waited = self.batcher.oldest_wait_s()
         h["oldest_wait_s"] = round(waited, 3)
@@ -121,7 +159,11 @@ class _UserActivityActor:
         self.core.commit_ms.clear()
 
     async def close(self) -> None:
-        await self.batcher.drain()  # let queued batches commit first
+        """Stop reading, let queued batches commit, give budget leases back."""
+        if self._reader_stop is not None and self._reader_task is not None:
+            self._reader_stop.set()
+            await asyncio.wait_for(self._reader_task, 30)
+        await self.batcher.drain()
         self.core.close()
 
 

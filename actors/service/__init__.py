@@ -1,4 +1,5 @@
-"""Plain-Python compositions that the Ray actors wrap: shard core, router, HTTP API, stream reader, delivery."""
+"""Plain-Python compositions that the Ray actors wrap: shard core, batcher, partition reader, input router, HTTP API,
+delivery."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from playbus.actors.service.delivery import Deliverer
 from playbus.actors.service.http_api import IngressCore
 from playbus.actors.service.router import Router
 from playbus.actors.service.shard import ShardCore
-from playbus.actors.service.stream_ingress import StreamIngress
+from playbus.actors.service.input_router import InputRouter
+from playbus.actors.service.partition_reader import PartitionReader
 
-__all__ = ["Deliverer", "IngressCore", "Router", "ShardCore", "StreamIngress"]
+__all__ = ["Deliverer", "IngressCore", "InputRouter", "PartitionReader", "Router", "ShardCore"]

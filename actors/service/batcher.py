@@ -54,7 +54,7 @@ class BatchCore(Protocol[B]):
 
     def prepare(self, events: list[Any]) -> B: ...
 
-    def commit(self, batch: B) -> None: ...
+    def commit(self, batch: B, offsets: dict[int, str], rejected: dict[int, list[bytes]]) -> None: ...
 
     def forget(self, keys: set[str]) -> None: ...
 
@@ -71,13 +71,16 @@ class _Waiter:
     """A caller's events (or what is left of them), its future, the results of its earlier parts, and the
     waiter of its next part when a batch deferred the rest of its events."""
 
-    __slots__ = ("events", "fut", "prefix", "rest", "since")
+    __slots__ = ("events", "fut", "offset", "prefix", "rejected", "rest", "since")
 
     def __init__(self, events: list[Any], fut: asyncio.Future[list[dict[str, Any]]],
-                 prefix: list[dict[str, Any]] | None = None, since: float | None = None) -> None:
+                 prefix: list[dict[str, Any]] | None = None, since: float | None = None,
+                 offset: tuple[int, str] | None = None, rejected: list[bytes] | None = None) -> None:
         self.events = events
         self.fut = fut
         self.prefix = prefix or []
+        self.offset = offset  # (key group, input entry id) this caller's events were read up to
+        self.rejected = rejected or []  # invalid input entries read with them, for playbus:rejected
         self.rest: _Waiter | None = None
         self.since = time.monotonic() if since is None else since  # when the caller submitted
 
@@ -109,11 +112,14 @@ class MicroBatcher(Generic[B]):
         """Nothing queued and no commit in flight."""
         return not self._pending and not self._decided
 
-    async def submit(self, events: list[Any]) -> list[dict[str, Any]]:
-        """Queue events for the next batch; their results once that batch has committed."""
+    async def submit(self, events: list[Any], offset: tuple[int, str] | None = None,
+                     rejected: list[bytes] | None = None) -> list[dict[str, Any]]:
+        """Queue events for the next batch; their results once that batch has committed. `offset`: the
+        (key group, input entry id) these events were read up to, and `rejected` the invalid entries read
+        with them: both committed with the events."""
         self._ensure_loop()
         fut: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Waiter(events, fut))
+        self._pending.append(_Waiter(events, fut, offset=offset, rejected=rejected))
         self.queued += len(events)
         assert self._wake is not None
         self._wake.set()
@@ -212,7 +218,14 @@ class MicroBatcher(Generic[B]):
                 self.core.forget(batch.dirty)
                 self._fail(take, BatcherError("the previous batch failed to commit; retry"))
                 continue
-            self._inflight = loop.run_in_executor(self._committer, self.core.commit, batch)
+            offsets: dict[int, str] = {}
+            rejected: dict[int, list[bytes]] = {}
+            for w in take:
+                if w.offset is not None:
+                    offsets[w.offset[0]] = w.offset[1]
+                    if w.rejected:
+                        rejected.setdefault(w.offset[0], []).extend(w.rejected)
+            self._inflight = loop.run_in_executor(self._committer, self.core.commit, batch, offsets, rejected)
             await asyncio.sleep(0)  # let new callers in while the commit runs
 
     async def _prepare(self, events: list[Any], take: list[_Waiter]) -> B | None:
@@ -284,7 +297,8 @@ class MicroBatcher(Generic[B]):
                 continue
             cut = decided - i
             if cut > 0:
-                w.rest = _Waiter(w.events[cut:], w.fut, since=w.since)
+                w.rest = _Waiter(w.events[cut:], w.fut, since=w.since, offset=w.offset, rejected=w.rejected)
+                w.offset, w.rejected = None, []  # what was read is committed with the caller's last part
                 w.events = w.events[:cut]
                 back = [w.rest, *take[k + 1:]]
                 del take[k + 1:]

@@ -31,6 +31,7 @@ __all__ = ["MAX_BODY", "MAX_EVENTS", "IngressCore", "Response"]
 
 log = logging.getLogger("playbus.ingress")
 HEALTH_TIMEOUT_S = 5.0
+MAX_DECISIONS = 100  # the most decisions one GET returns
 
 ShardCall = Callable[[int, str, Sequence[Any]], Awaitable[Any]]
 
@@ -136,7 +137,7 @@ class IngressCore:
             limit = int(q.get("limit", ["20"])[0])
         except ValueError:
             return error(400, "limit must be an integer")
-        limit = max(0, min(limit, self.store.journal_limit))
+        limit = max(0, min(limit, MAX_DECISIONS))
         entries = self.store.journal(user_key(campaign, user), limit)
         keep = ("event", "ts", "rule", "script_version", "actions", "changes", "error", "refused")
         return reply(200, {"decisions": [{k: e.get(k) for k in keep} for e in entries]})

@@ -161,13 +161,14 @@ class ShardCore:
         log.info("shard %d: scripts reconciled with the catalog (generation %d)", self.shard, generation)
         return True
 
-    def commit(self, batch: PreparedBatch) -> None:
+    def commit(self, batch: PreparedBatch, offsets: dict[int, str] | None = None,
+               rejected: dict[int, list[bytes]] | None = None) -> None:
         """Write a prepared batch to Redis. Touches no engine state, so it may run on another thread while
         the next batch is decided; the caller forgets `batch.dirty` if it raises."""
         t = time.perf_counter()
         try:
             self.store.commit(self.epochs, batch.snapshots, batch.journal, batch.actions, batch.failed,
-                              self.stream_targets, self.webhooks)
+                              self.stream_targets, self.webhooks, offsets=offsets, rejected=rejected)
         except Exception as e:
             self.fenced = self.fenced or isinstance(e, FencedError)
             self.last_commit_error = f"{type(e).__name__}: {e}"
@@ -176,8 +177,7 @@ class ShardCore:
         self.commit_failed_at = 0.0
         if batch.earlier:  # duplicates answer with their first processing's actions, from the journals
             keys = {key for _, key, _ in batch.earlier}
-            journals = {k: entries[::-1] for k, entries in self.store.journals(keys).items()}
-            repeat_actions(batch.results, batch.earlier, journals)
+            repeat_actions(batch.results, batch.earlier, self.store.journals(keys))
         self.last_commit_ms = (time.perf_counter() - t) * 1000
         self.commit_ms.append(self.last_commit_ms)
         self.batches += 1

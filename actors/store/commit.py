@@ -1,15 +1,20 @@
 """RedisStore: the shard's durable side. One atomic, epoch-fenced Lua unit per key group and micro-batch.
 
 Key layout (the key group's hash tag keeps every key of a group in one Redis Cluster slot):
-    playbus:{kg17}:epoch               string  owner epoch (fencing token), INCR by each new owner
-    playbus:{kg17}:batch               string  token of the group's last commit (a re-sent commit is a no-op)
-    playbus:{kg17}:users               hash    user_key -> snapshot (msgpack bytes, see actors.state)
-    playbus:{kg17}:journal:<user_key>  list    decision journal entries (msgpack), newest first, trimmed
-    playbus:{kg17}:outbox              stream  field "action" = action JSON, for the delivery worker
-    playbus:{kg17}:failed              stream  field "entry" = failed rule run JSON, for replay (补单)
+    playbus:{kg17}:epoch     string  owner epoch (fencing token), INCR by each new owner
+    playbus:{kg17}:batch     string  token of the group's last commit (a re-sent commit is a no-op)
+    playbus:{kg17}:users     hash    user_key -> snapshot (msgpack bytes, see actors.engine.state)
+    playbus:{kg17}:journal   stream  one entry per committed batch: field "d" = msgpack array of its decisions
+                                     (rule runs, see actors.engine.decisions), trimmed to about `journal_maxlen`
+    playbus:{kg17}:in        stream  the group's input partition: field "events" = msgpack array of events
+                                     (a record batch), or "event" = one event (JSON or msgpack)
+    playbus:{kg17}:offset    string  the last entry of the input partition that a committed batch consumed
+    playbus:{kg17}:outbox    stream  field "action" = action JSON, for the delivery worker
+    playbus:{kg17}:failed    stream  field "entry" = failed rule run JSON, for replay (补单)
 Actions of a stream target are XADDed to the target stream (field "action") inside the group's unit: exactly
 once with the state on a single Redis. On Redis Cluster that stream is in another slot: pass no
-`stream_targets`, and every action goes through the outbox instead (at least once, same ids).
+`stream_targets`, and every action goes through the outbox instead (at least once, same ids). Invalid input
+events are XADDed to `playbus:rejected` inside the unit that consumes them.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from playbus.actors.engine.keys import group_prefix, key_group, user_key
 from playbus.actors.store.errors import FencedError, StoreError
 from playbus.actors.store.scripts import lua
 
-__all__ = ["FencedError", "RedisStore", "StoreError"]
+__all__ = ["REJECTED_STREAM", "FencedError", "RedisStore", "StoreError"]
+
+REJECTED_STREAM = "playbus:rejected"
+JOURNAL_SCAN = 2000  # journal entries (batches) of a group scanned back when looking for a user's decisions
 
 def _not_json(o: object) -> object:
     raise TypeError(f"{type(o).__name__} is not JSON serializable")
@@ -51,22 +59,24 @@ _dumps = _json_encoder()
 class _Unit:
     """What one commit writes to one key group."""
 
-    __slots__ = ("failed", "journal", "kg", "outbox", "snaps", "streams")
+    __slots__ = ("decisions", "failed", "kg", "offset", "outbox", "rejected", "snaps", "streams")
 
     def __init__(self, kg: int) -> None:
         self.kg = kg
         self.snaps: list[Any] = []
-        self.journal: dict[str, list[bytes]] = {}
+        self.decisions: list[Any] = []
         self.outbox: list[str] = []
         self.failed: list[str] = []
+        self.rejected: list[bytes] = []
         self.streams: dict[str, list[str]] = {}
+        self.offset = ""
 
 
 class RedisStore:
     """Snapshots, journal, outbox and failed runs of key groups in Redis; every commit is one round trip."""
 
     def __init__(
-        self, client: redis.Redis, key_groups: int, journal_limit: int = 100, per_group_calls: bool = False,
+        self, client: redis.Redis, key_groups: int, journal_maxlen: int = 20_000, per_group_calls: bool = False,
         wait_fsync_ms: int | None = None,
     ) -> None:
         """`per_group_calls`: one script call per key group (Redis Cluster); else one call per commit.
@@ -74,11 +84,11 @@ class RedisStore:
         it returns only once the commit is fsynced to the AOF."""
         if client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("RedisStore needs a client with decode_responses=False (snapshots are bytes)")
-        if key_groups < 1 or journal_limit < 1:
-            raise ValueError("key_groups and journal_limit must be >= 1")
+        if key_groups < 1 or journal_maxlen < 1:
+            raise ValueError("key_groups and journal_maxlen must be >= 1")
         self.client = client
         self.key_groups = key_groups
-        self.journal_limit = journal_limit
+        self.journal_maxlen = journal_maxlen
         self.round_trips = 0  # network exchanges made by this store, for tests and metrics
         self.per_group_calls = per_group_calls
         self.wait_fsync_ms = wait_fsync_ms
@@ -105,8 +115,14 @@ class RedisStore:
     def failed_key(self, kg: int) -> str:
         return self._prefix[kg] + "failed"
 
-    def journal_key(self, user_key: str) -> str:
-        return self._prefix[self.group_of(user_key)] + "journal:" + user_key
+    def journal_key(self, kg: int) -> str:
+        return self._prefix[kg] + "journal"
+
+    def input_key(self, kg: int) -> str:
+        return self._prefix[kg] + "in"
+
+    def offset_key(self, kg: int) -> str:
+        return self._prefix[kg] + "offset"
 
     # -- ownership ---------------------------------------------------------------------------------
     def claim(self, groups: Iterable[int]) -> dict[int, int]:
@@ -159,27 +175,53 @@ class RedisStore:
         for k, v in self.client.hscan_iter(self.users_key(kg), count=count):
             yield k.decode(), v
 
-    def journal(self, user_key: str, limit: int | None = None) -> list[dict[str, Any]]:
-        """The user's decision journal, newest first."""
-        n = self.journal_limit if limit is None else limit
-        if n <= 0:
-            return []
+    def offsets(self, groups: Iterable[int]) -> dict[int, str]:
+        """The last input entry each group's committed batches consumed ("0-0" when none yet)."""
+        groups = list(groups)
+        if not groups:
+            return {}
         self.round_trips += 1
-        raw = self.client.lrange(self.journal_key(user_key), 0, n - 1)
-        return [Decision.from_packed(msgpack.unpackb(b, raw=False, strict_map_key=False)) for b in raw]
+        values: Any = self.client.mget([self.offset_key(kg) for kg in groups])
+        return {kg: (v.decode() if v else "0-0") for kg, v in zip(groups, values, strict=True)}
+
+    def journal(self, user_key: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The user's decisions (rule runs), newest first, found in its group's recent journal."""
+        if limit <= 0:
+            return []
+        return self.journals([user_key], limit)[user_key][::-1][:limit]
 
     def journals(self, user_keys: Iterable[str], limit: int | None = None) -> dict[str, list[dict[str, Any]]]:
-        """The journals of several users (newest first), in one pipelined round trip."""
-        keys = list(user_keys)
-        if not keys:
-            return {}
-        n = self.journal_limit if limit is None else limit
-        pipe = self.client.pipeline(transaction=False)
-        for k in keys:
-            pipe.lrange(self.journal_key(k), 0, n - 1)
-        self.round_trips += 1
-        return {k: [Decision.from_packed(msgpack.unpackb(b, raw=False, strict_map_key=False)) for b in raw]
-                for k, raw in zip(keys, pipe.execute(), strict=True)}
+        """The recent decisions of several users, oldest first, from their groups' journals: each group's
+        newest JOURNAL_SCAN batches are read back (newest first, in pages) until `limit` decisions of every
+        user asked for are found."""
+        wanted: dict[int, dict[str, list[dict[str, Any]]]] = {}
+        for k in user_keys:
+            wanted.setdefault(key_group(k, self.key_groups), {})[k] = []
+        for kg, found in wanted.items():
+            key, last, scanned = self.journal_key(kg), "+", 0
+            while scanned < JOURNAL_SCAN:
+                self.round_trips += 1
+                page: Any = self.client.xrevrange(key, max=last, count=200)
+                if not page:
+                    break
+                for entry_id, fields in page:
+                    if entry_id == last:
+                        continue
+                    scanned += 1
+                    newer: dict[str, list[dict[str, Any]]] = {}
+                    for d in msgpack.unpackb(fields[b"d"], raw=False, strict_map_key=False):
+                        row = Decision.from_packed(d)
+                        uk = user_key(row["campaign"], row["user"])
+                        if uk in found:
+                            newer.setdefault(uk, []).append(row)
+                    for uk, rows in newer.items():
+                        found[uk][:0] = rows  # this batch is older than what was found so far
+                last = page[-1][0]
+                if limit is not None and all(len(v) >= limit for v in found.values()):
+                    break
+                if len(page) < 200:
+                    break
+        return {k: v for found in wanted.values() for k, v in found.items()}
 
     # -- the commit --------------------------------------------------------------------------------
     def commit(
@@ -192,8 +234,13 @@ class RedisStore:
         stream_targets: Mapping[str, str] | None = None,
         webhook_gameplays: Collection[str] = (),
         batch_id: str | None = None,
+        offsets: Mapping[int, str] | None = None,
+        rejected: Mapping[int, list[bytes]] | None = None,
     ) -> list[int]:
         """Write one micro-batch: one atomic unit per key group touched, all in one round trip.
+
+        `offsets`: per group, the last entry of its input partition this batch consumed (written in the unit);
+        `rejected`: per group, invalid input events to add to `playbus:rejected` (field "entry").
 
         Each unit checks the group's epoch against `epochs` first and writes nothing when fenced; the
         other groups are committed and FencedError lists the fenced ones. Every unit carries a batch
@@ -218,14 +265,9 @@ class RedisStore:
         for ukey, blob in snapshots.items():
             u = unit_of.get(ukey) or unit(ukey)
             u.snaps += (ukey, blob)
-        pack, limit = self._pack, self.journal_limit
         for entry in journal:
             ukey = user_key(entry["campaign"], entry["user"])
-            u = unit_of.get(ukey) or unit(ukey)
-            lst = u.journal.get(ukey)
-            if lst is None:
-                lst = u.journal[ukey] = []
-            lst.append(pack(entry))
+            (unit_of.get(ukey) or unit(ukey)).decisions.append(entry)
         targets = stream_targets or {}
         for a in actions:
             ukey = user_key(a["campaign"], a["user"])
@@ -246,6 +288,10 @@ class RedisStore:
             ukey = user_key(ev["campaign"], ev["user"])
             u = unit_of.get(ukey) or unit(ukey)
             u.failed.append(_dumps(f))
+        for kg, offset in (offsets or {}).items():
+            units.setdefault(kg, _Unit(kg)).offset = offset
+        for kg, entries in (rejected or {}).items():
+            units.setdefault(kg, _Unit(kg)).rejected += entries
         if not units:
             return []
         missing = sorted(kg for kg in units if kg not in epochs)
@@ -255,7 +301,7 @@ class RedisStore:
         if batch_id is None:
             self._seq += 1
             batch_id = f"{self._token_prefix}-{self._seq}"
-        calls = [self._unit_call(u, epochs[u.kg], batch_id, limit) for u in units.values()]
+        calls = [self._unit_call(u, epochs[u.kg], batch_id) for u in units.values()]
         results = self._run(calls)
         fenced: list[str] = []
         errors: list[str] = []
@@ -280,32 +326,24 @@ class RedisStore:
             )
         return done
 
-    def _unit_call(self, u: _Unit, epoch: int, batch_id: str, limit: int) -> tuple[list[Any], list[Any]]:
-        """KEYS and ARGV of one group's commit script."""
+    def _unit_call(self, u: _Unit, epoch: int, batch_id: str) -> tuple[list[Any], list[Any]]:
+        """KEYS and ARGV of one group's commit unit (see commit.lua)."""
         p = self._prefix[u.kg]
-        keys: list[Any] = [p + "epoch", p + "batch", p + "users"]
-        jkeys = p + "journal:"
+        keys: list[Any] = [p + "epoch", p + "batch", p + "users", p + "journal", p + "in", p + "offset"]
         body: list[Any] = []
-        for ukey, entries in u.journal.items():
-            keys.append(jkeys + ukey)
-            if len(entries) > limit:
-                entries = entries[-limit:]
-            body.append(len(entries))
-            body += entries
         nstreams = 0
-        if u.outbox:
-            keys.append(p + "outbox")
-            body += (len(keys), "action", len(u.outbox), *u.outbox)
-            nstreams += 1
-        if u.failed:
-            keys.append(p + "failed")
-            body += (len(keys), "entry", len(u.failed), *u.failed)
-            nstreams += 1
+        for key, field, values in ((p + "outbox", "action", u.outbox), (p + "failed", "entry", u.failed),
+                                   (REJECTED_STREAM, "rejected", u.rejected)):
+            if values:
+                keys.append(key)
+                body += (len(keys), field, len(values), *values)
+                nstreams += 1
         for stream, payloads in u.streams.items():
             keys.append(stream)
             body += (len(keys), "action", len(payloads), *payloads)
             nstreams += 1
-        args: list[Any] = [epoch, batch_id, limit, len(u.snaps) // 2, len(u.journal), nstreams]
+        journal = self._pack(u.decisions) if u.decisions else ""
+        args: list[Any] = [epoch, batch_id, len(u.snaps) // 2, journal, self.journal_maxlen, u.offset, nstreams]
         args += u.snaps
         args += body
         return keys, args

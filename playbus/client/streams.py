@@ -1,43 +1,97 @@
-"""StreamProducer: the high-volume path, events XADDed to the Redis streams that playbus reads."""
+"""StreamProducer: the high-volume path, events written straight into the input partitions that the shards read.
+
+playbus's input is a partitioned log, like Kafka's: one Redis stream per key group, `playbus:{kg<N>}:in`, read
+by the shard that owns the group. The partition of an event is the key group of its (campaign, user):
+
+    partition = crc32(campaign + "\\x00" + user, as UTF-8) % key_groups
+
+(`key_groups` is fixed for the life of the data; playbus records it in Redis, `HGET playbus:{meta}:layout
+key_groups`). An entry carries a record batch: field "events" = a msgpack array of events of that partition,
+added in one XADD, so Redis pays per batch, not per event. Per user, events are decided in the order they were
+added. Any producer can do the same; producers that cannot partition may XADD single events to `playbus:in`
+(field "event" = JSON or msgpack), which playbus routes into the partitions.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+from zlib import crc32
 
 import msgpack
 
-__all__ = ["StreamProducer"]
+__all__ = ["LAYOUT_KEY", "StreamProducer", "partition_of", "partition_stream"]
+
+LAYOUT_KEY = "playbus:{meta}:layout"
+
+
+def partition_of(campaign: str, user: str, key_groups: int) -> int:
+    """The partition (key group) of a (campaign, user): the same function as playbus's own."""
+    return crc32(f"{campaign}\x00{user}".encode()) % key_groups
+
+
+def partition_stream(partition: int) -> str:
+    """The Redis stream of a partition."""
+    return f"playbus:{{kg{partition}}}:in"
 
 
 class StreamProducer:
-    """The high-volume path: XADD events to `playbus:in` (field "event" = msgpack), pipelined.
+    """Writes events to the input partitions, as record batches of up to `batch` events, in pipelines.
 
-    `redis_client` is a redis-py client of the Redis that playbus uses. XADD is not idempotent: a
-    producer that resends after an error may add an entry twice, and playbus answers the copy
-    `duplicate` by its id, so keep ids stable across resends.
+    `redis_client` is a redis-py client (or cluster client) of the Redis that playbus uses. XADD is not
+    idempotent: a producer that resends after an error may add events twice, and playbus answers the copies
+    `duplicate` by their ids, so keep ids stable across resends. `key_groups` defaults to what playbus recorded
+    in Redis (it must have started once); pass it to write before that.
     """
 
-    def __init__(self, redis_client: Any, stream: str = "playbus:in", chunk: int = 1000) -> None:
+    def __init__(self, redis_client: Any, key_groups: int | None = None, batch: int = 500,
+                 pipeline: int = 64) -> None:
+        if not 1 <= batch <= 10_000:
+            raise ValueError(f"batch must be 1..10000 events, got {batch}")
         self.client = redis_client
-        self.stream = stream
-        self.chunk = chunk
+        self._key_groups = key_groups
+        self.batch = batch
+        self.pipeline = pipeline  # record batches per round trip
+
+    @property
+    def key_groups(self) -> int:
+        if self._key_groups is None:
+            raw = self.client.hget(LAYOUT_KEY, "key_groups")
+            if raw is None:
+                raise RuntimeError("playbus has not recorded its key_groups in this Redis yet (start it once, "
+                                   "or pass key_groups=)")
+            self._key_groups = int(raw)
+        return self._key_groups
 
     def send(self, event: dict[str, Any]) -> Any:
-        """XADD one event; returns its entry id."""
-        return self.client.xadd(self.stream, {"event": msgpack.packb(event)})
+        """One event in its partition; its entry id."""
+        return self.send_many([event])[0]
 
     def send_many(self, events: Iterable[dict[str, Any]]) -> list[Any]:
-        """XADD events in pipelines of `chunk` (one round trip each); returns their entry ids in order."""
-        ids: list[Any] = []
+        """Add events to their partitions, a record batch of up to `batch` events per partition and entry, in
+        pipelines; returns once all are added, with the entry id of each event's record batch, in order."""
+        n = self.key_groups
+        events = list(events)
+        by_part: dict[int, list[int]] = {}
+        for i, e in enumerate(events):
+            by_part.setdefault(partition_of(e["campaign"], e["user"], n), []).append(i)
+        ids: list[Any] = [None] * len(events)
         pipe = self.client.pipeline(transaction=False)
-        queued = 0
-        for e in events:
-            pipe.xadd(self.stream, {"event": msgpack.packb(e)})
-            queued += 1
-            if queued >= self.chunk:
-                ids.extend(pipe.execute())
-                queued = 0
+        queued: list[list[int]] = []
+        for part, idx in by_part.items():
+            for start in range(0, len(idx), self.batch):
+                chunk = idx[start:start + self.batch]
+                pipe.xadd(partition_stream(part), {"events": msgpack.packb([events[i] for i in chunk])})
+                queued.append(chunk)
+                if len(queued) >= self.pipeline:
+                    self._flush(pipe, queued, ids)
+                    queued = []
         if queued:
-            ids.extend(pipe.execute())
+            self._flush(pipe, queued, ids)
         return ids
+
+    @staticmethod
+    def _flush(pipe: Any, queued: list[list[int]], ids: list[Any]) -> None:
+        for chunk, entry in zip(queued, pipe.execute(), strict=True):
+            for i in chunk:
+                ids[i] = entry

@@ -19,6 +19,7 @@ from aiohttp import web
 from playbus.actors.service.http_api import IngressCore
 from playbus.actors.service.shard import ShardCore
 from playbus.client import ClientClosedError, DeliveryError, PlaybusClient, RequestRejectedError, StreamProducer
+from playbus.client.streams import partition_of
 from playbus.config.schema import Config
 from tests.support.configs import T0, quiz_config
 
@@ -246,8 +247,18 @@ def test_close_sends_what_is_still_lingering(server: Server) -> None:
     assert server.context("u1") == {"quiz.answered": 5}
 
 
-def test_stream_producer_xadds_msgpack_events_in_one_pipeline(clean_redis: Any) -> None:
-    ids = StreamProducer(clean_redis, chunk=300).send_many([ev(f"j{i}", "u1") for i in range(700)])
-    assert len(ids) == 700
-    entries = clean_redis.xrange("playbus:in")
-    assert [msgpack.unpackb(f[b"event"])["id"] for _, f in entries] == [f"j{i}" for i in range(700)]
+def test_stream_producer_writes_record_batches_into_the_partitions_it_learns_from_redis(clean_redis: Any) -> None:
+    with pytest.raises(RuntimeError, match="has not recorded its key_groups"):
+        StreamProducer(clean_redis).send_many([ev("j0", "u1")])
+    clean_redis.hset("playbus:{meta}:layout", "key_groups", 16)  # what playbus records at its first start
+    events = [ev(f"j{i}", f"u{i % 7}") for i in range(700)]
+    before = clean_redis.info("commandstats").get("cmdstat_xadd", {}).get("calls", 0)
+    ids = StreamProducer(clean_redis, batch=300).send_many(events)
+    assert len(ids) == 700 and all(ids)
+    xadds = clean_redis.info("commandstats")["cmdstat_xadd"]["calls"] - before
+    assert xadds <= 7 * 2  # one record batch per partition and 300 events, not one entry per event
+    for u in range(7):
+        kg = partition_of("c1", f"u{u}", 16)
+        got = [e["id"] for _, f in clean_redis.xrange(f"playbus:{{kg{kg}}}:in") for e in msgpack.unpackb(f[b"events"])
+               if e["user"] == f"u{u}"]
+        assert got == [f"j{i}" for i in range(700) if i % 7 == u]  # each user's events in the order sent

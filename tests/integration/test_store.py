@@ -91,7 +91,7 @@ def test_older_owner_commit_is_rejected_and_writes_nothing(clean_redis: Any, con
                    TARGETS, WEBHOOKS)
     assert info.value.group_list == [3]
     assert clean_redis.hlen(old.users_key(3)) == 0
-    assert clean_redis.exists(old.journal_key(f"c1\x00{user}"), old.outbox_key(3), LOTTERY) == 0
+    assert clean_redis.exists(old.journal_key(3), old.outbox_key(3), LOTTERY) == 0
     # The new owner commits the same work.
     new.commit(new_epochs, engine.snapshot([f"c1\x00{user}"]), out.journal, out.actions, out.failed,
                TARGETS, WEBHOOKS)
@@ -142,17 +142,29 @@ def test_load_returns_none_for_unknown_users(clean_redis: Any) -> None:
     assert store.load([]) == {}
 
 
-def test_journal_is_newest_first_and_trimmed(clean_redis: Any, config: Config) -> None:
-    store = RedisStore(clean_redis, KG, journal_limit=5)
+def test_the_journal_is_one_entry_per_group_and_batch_read_back_newest_first(clean_redis: Any,
+                                                                              config: Config) -> None:
+    store = RedisStore(clean_redis, KG)
     epochs = store.claim(range(KG))
     engine = ShardEngine(config)
     run_batch(engine, store, epochs, [ev(i, "u1") for i in range(3)])
-    run_batch(engine, store, epochs, [ev(i, "u1") for i in range(3, 12)])  # more than the limit at once
-    entries = store.journal("c1\x00u1")
+    run_batch(engine, store, epochs, [ev(i, "u1") for i in range(3, 12)] + [ev(99, "u2")])
+    entries = store.journal("c1\x00u1", 5)
     assert [e["event"] for e in entries] == ["e11", "e10", "e9", "e8", "e7"]
     assert entries[0]["changes"] == {"quiz.answered": 12}
-    assert [e["event"] for e in store.journal("c1\x00u1", 2)] == ["e11", "e10"]
-    assert clean_redis.llen(store.journal_key("c1\x00u1")) == 5
+    assert [e["event"] for e in store.journal("c1\x00u1", 20)] == [f"e{i}" for i in range(11, -1, -1)]
+    kg = key_group("c1\x00u1", KG)
+    assert clean_redis.xlen(store.journal_key(kg)) == 2  # one entry per committed batch, not one per event
+    assert store.journals(["c1\x00u2"])["c1\x00u2"][0]["event"] == "e99"
+
+
+def test_the_journal_is_trimmed_to_about_journal_maxlen_batches(clean_redis: Any, config: Config) -> None:
+    store = RedisStore(clean_redis, KG, journal_maxlen=50)
+    epochs = store.claim(range(KG))
+    engine = ShardEngine(config)
+    for b in range(400):
+        run_batch(engine, store, epochs, [ev(b, "u1")])
+    assert clean_redis.xlen(store.journal_key(key_group("c1\x00u1", KG))) < 250  # "~": whole radix nodes
 
 
 def test_actions_and_failed_runs_land_in_their_streams(clean_redis: Any, config: Config) -> None:
@@ -182,7 +194,7 @@ def test_a_resent_commit_writes_nothing_twice(clean_redis: Any, config: Config) 
     store.commit(*args, batch_id="b-1")  # e.g. a retry after a connection error
     assert clean_redis.xlen(LOTTERY) == 10
     assert sum(clean_redis.xlen(store.outbox_key(k)) for k in range(KG)) == 10
-    assert clean_redis.llen(store.journal_key("c1\x00u0")) == 1
+    assert clean_redis.xlen(store.journal_key(key_group("c1\x00u0", KG))) == 1
 
 
 @pytest.mark.parametrize("per_group_calls", [False, True])
@@ -255,13 +267,13 @@ def test_committed_data_survives_a_redis_restart(tmp_path: Path, config: Config)
 
 
 def test_large_commits_are_written_whole(clean_redis: Any) -> None:
-    store = RedisStore(clean_redis, 1, journal_limit=3000)  # one group: everything in one script call
+    store = RedisStore(clean_redis, 1)  # one group: everything in one script call
     epochs = store.claim([0])
     snaps = {f"c1\x00u{i}": f"snap{i}".encode() for i in range(2500)}
     journal = [{"campaign": "c1", "user": "u0", "event": f"e{i}", "ts": TS} for i in range(2100)]
     store.commit(epochs, snaps, journal)
     assert dict(store.scan_users(0)) == snaps
-    entries = store.journal("c1\x00u0")
+    entries = store.journal("c1\x00u0", 5000)
     assert len(entries) == 2100 and entries[0]["event"] == "e2099" and entries[-1]["event"] == "e0"
 
 
@@ -281,8 +293,7 @@ def test_a_key_of_the_wrong_type_fails_its_group_before_any_write_and_a_retry_la
     # Nothing of either group was written: no snapshot, no journal, no outbox, and no batch token.
     for u, kg in ((user, 4), (other, 6)):
         assert store.snapshot_of(f"c1\x00{u}") is None
-        assert clean_redis.exists(store.journal_key(f"c1\x00{u}"), store.outbox_key(kg),
-                                  f"playbus:{{kg{kg}}}:batch") == 0
+        assert clean_redis.exists(store.journal_key(kg), store.outbox_key(kg), f"playbus:{{kg{kg}}}:batch") == 0
     clean_redis.delete(LOTTERY)  # an operator fixes the key; the retry of the same commit lands, once
     store.commit(epochs, snaps, out.journal, out.actions, out.failed, TARGETS, WEBHOOKS, batch_id="b1")
     assert clean_redis.xlen(LOTTERY) == 2
@@ -302,7 +313,7 @@ def test_a_journal_or_users_key_of_the_wrong_type_is_refused_too(clean_redis: An
                      WEBHOOKS)
     assert not clean_redis.exists(LOTTERY)
     clean_redis.delete(store.users_key(1))
-    clean_redis.hset(store.journal_key(f"c1\x00{user}"), "a", "b")
+    clean_redis.hset(store.journal_key(1), "a", "b")
     with pytest.raises(StoreError, match=r"holds a hash"):
         store.commit(epochs, engine.snapshot([f"c1\x00{user}"]), out.journal, out.actions, out.failed, TARGETS,
                      WEBHOOKS)

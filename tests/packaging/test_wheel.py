@@ -111,11 +111,11 @@ def test_the_client_distribution_needs_neither_ray_nor_lupa(tmp_path: Path) -> N
     with RedisServer(tmp_path / "redis") as server:
         probe = (
             "import importlib.util as u, json, redis; from playbus.client import PlaybusClient, StreamProducer; "
-            f"ids = StreamProducer(redis.Redis(port={server.port})).send_many("
+            f"ids = StreamProducer(redis.Redis(port={server.port}), key_groups=1).send_many("
             "[{'id': 'e1', 'campaign': 'c', 'user': 'u', 'type': 't'}]); "
             "print(json.dumps({'ray': u.find_spec('ray') is not None, 'lupa': u.find_spec('lupa') is not None, "
             "'cli': u.find_spec('playbus.cli') is not None, 'added': len(ids)}))"
         )
         found = json.loads(_run([bin_ / "python", "-c", probe], cwd=tmp_path / "venv").stdout)
         assert found == {"ray": False, "lupa": False, "cli": False, "added": 1}
-        assert server.client().xlen("playbus:in") == 1
+        assert server.client().xlen("playbus:{kg0}:in") == 1

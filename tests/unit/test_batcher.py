@@ -49,6 +49,8 @@ class FakeCore:
         self.prefetch_fails = False
         self.prefetches = 0
         self.decide_at_most = 0  # > 0: each batch decides only this many events and defers the rest
+        self.offsets: list[dict[int, str]] = []
+        self.rejected: list[dict[int, list[bytes]]] = []
 
     def prepare(self, events: list[Any]) -> Batch:
         self.prepared.append(list(events))
@@ -65,7 +67,9 @@ class FakeCore:
                          len(events) - len(done))
         return Batch([{"id": e["id"], "status": "applied"} for e in events], {e["user"] for e in events}, events)
 
-    def commit(self, batch: Batch) -> None:
+    def commit(self, batch: Batch, offsets: dict[int, str], rejected: dict[int, list[bytes]]) -> None:
+        self.offsets.append(offsets)
+        self.rejected.append(rejected)
         self.commit_started.set()
         self.gate.wait(5)
         if any(e["id"] in self.fail_commit for e in batch.events):
@@ -322,3 +326,18 @@ def test_when_a_caller_s_first_part_fails_its_deferred_rest_is_not_applied() -> 
 
     assert isinstance(run(main()), ConnectionError)
     assert ["e3"] not in core.committed and all("e3" not in c for c in core.committed)
+
+
+def test_an_input_offset_is_committed_with_the_last_part_of_its_events() -> None:
+    core = FakeCore()
+    core.decide_at_most = 2
+
+    async def main() -> None:
+        b = MicroBatcher(core, max_events=100, max_wait_s=0.01)
+        await asyncio.gather(b.submit([ev(1), ev(2), ev(3)], offset=(7, "5-0"), rejected=[b"bad"]),
+                             b.submit([ev(4)], offset=(9, "8-1")))
+
+    run(main())
+    assert core.committed == [["e1", "e2"], ["e3", "e4"]]
+    assert core.offsets == [{}, {7: "5-0", 9: "8-1"}]
+    assert core.rejected == [{}, {7: [b"bad"]}]

@@ -1,0 +1,217 @@
+"""PartitionReader: a shard reads the input partitions of its key groups itself (a partitioned log consumed by its
+owner, as in Kafka), and feeds what it reads to its micro-batcher.
+
+    playbus:{kgN}:in      the group's input partition (XADD by producers: field "events" = msgpack array of
+                          events, a record batch; or "event" = one event, JSON or msgpack)
+    playbus:{kgN}:offset  the last entry a committed batch consumed, written inside that batch's commit unit
+
+Each group has at most one chunk in flight: read from the group's cursor (the committed offset at start), submit
+the chunk with its last entry id as the offset to commit; on success the cursor moves past it, on failure it stays
+and the chunk is read again. So a user's events are decided in the order they were added, and a crash at any
+point re-reads exactly what was not committed (consume, decide and commit are one atomic step). Invalid events
+are committed to `playbus:rejected` with the batch that consumes them. A chunk whose processing keeps failing for
+a reason other than an outage is read again one entry at a time, and an entry that still fails POISON_AFTER
+times alone is rejected, so that the entries behind it go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from playbus.actors.engine.errors import PlaybusError
+from playbus.actors.engine.events import check_event
+from playbus.actors.engine.keys import group_prefix
+
+__all__ = ["POISON_AFTER", "PartitionReader", "decode_entry", "is_transient", "rejection"]
+
+log = logging.getLogger("playbus.partitions")
+POISON_AFTER = 3
+MAX_ENTRY = 20 * 1024 * 1024  # one entry: up to a record batch of 1000 events of 16 KiB data
+Submit = Callable[[list[Any], tuple[int, str], list[bytes]], Awaitable[list[dict[str, Any]]]]
+
+
+def is_transient(error: BaseException) -> bool:
+    """An outage (Redis, a shard restarting, a timeout, a batch to retry) rather than something about the input."""
+    return isinstance(error, (OSError, TimeoutError, asyncio.TimeoutError, RedisError, PlaybusError))
+
+
+def rejection(entry: str, partition: int | None, event: Any, reason: str) -> bytes:
+    """A `playbus:rejected` record (field "rejected"): the entry, its partition, the event (as far as it could be
+    read) and why."""
+    if isinstance(event, bytes):
+        event = event[:65536].decode("utf-8", "replace")
+    doc = {"entry": entry, "partition": partition, "event": event, "reason": reason}
+    return json.dumps(doc, default=str, ensure_ascii=False).encode()[:262_144]
+
+
+def decode_entry(fields: dict[bytes, bytes]) -> tuple[list[Any], str]:
+    """(events, "") of an input entry (a record batch or one event), or ([], reason)."""
+    raw = fields.get(b"events")
+    if raw is not None:
+        if len(raw) > MAX_ENTRY:
+            return [], f"record batch of {len(raw)} bytes is too large"
+        try:
+            events = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        except Exception as e:  # noqa: BLE001 - any decoding failure rejects the entry
+            return [], f"field 'events' is not a msgpack array of events: {e}"
+        if not isinstance(events, list):
+            return [], "field 'events' is not a msgpack array of events"
+        return events, ""
+    raw = fields.get(b"event")
+    if raw is None:
+        return [], 'entry has neither field "events" nor "event"'
+    if len(raw) > 64 * 1024:
+        return [], f"event of {len(raw)} bytes is too large"
+    try:
+        if raw.lstrip()[:1] in (b"{", b"["):
+            return [json.loads(raw)], ""
+        return [msgpack.unpackb(raw, raw=False, strict_map_key=False)], ""
+    except Exception as e:  # noqa: BLE001 - any decoding failure rejects the entry
+        return [], f"event is neither JSON nor msgpack: {e}"
+
+
+class PartitionReader:
+    """Reads the input partitions of `groups` and submits chunks to `submit(events, (group, offset), rejected)`."""
+
+    def __init__(self, redis_url: str, groups: list[int], submit: Submit, campaigns: set[str], chunk: int = 500,
+                 block_ms: int = 10) -> None:
+        self.client = aioredis.Redis.from_url(redis_url, socket_timeout=30)
+        self.groups = sorted(groups)
+        self.submit = submit
+        self.campaigns = campaigns
+        self.chunk = chunk
+        self.block_ms = block_ms
+        self.cursors: dict[int, str] = {}
+        self.keys = {kg: group_prefix(kg) + "in" for kg in self.groups}
+        self._kg_of = {k.encode(): kg for kg, k in self.keys.items()}
+        self.failures: dict[tuple[int, str], int] = {}  # (group, first entry of a chunk) -> non-transient failures
+        self.single: set[int] = set()  # groups read one entry at a time, to find a poison entry
+        self.stats = {"events": 0, "chunks": 0, "rejected": 0, "poison": 0, "failed_chunks": 0}
+        self.running = False
+        self.last_error = ""
+
+    async def load_cursors(self) -> None:
+        values: Any = await self.client.mget([group_prefix(kg) + "offset" for kg in self.groups])
+        self.cursors = {kg: (v.decode() if v else "0-0") for kg, v in zip(self.groups, values, strict=True)}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Read and submit until `stop`; then wait for the chunks in flight."""
+        self.running = True
+        inflight: dict[int, asyncio.Task[None]] = {}
+        try:
+            while not stop.is_set():
+                if not self.cursors:
+                    try:
+                        await self.load_cursors()
+                    except (OSError, RedisError) as e:
+                        self.last_error = f"{type(e).__name__}: {e}"
+                        await asyncio.sleep(0.5)
+                        continue
+                idle = [kg for kg in self.groups if kg not in inflight]
+                if not idle:
+                    await asyncio.wait(list(inflight.values()), return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                streams: Any = {self.keys[kg]: self.cursors[kg] for kg in idle}
+                try:
+                    got: Any = await self.client.xread(streams, count=self.chunk, block=self.block_ms)
+                except (OSError, RedisError) as e:
+                    self.last_error = f"{type(e).__name__}: {e}"
+                    log.warning("partition reader: redis unavailable (%s); retrying", e)
+                    await asyncio.sleep(0.5)
+                    continue
+                for key, entries in (got.items() if isinstance(got, dict) else got or ()):
+                    kg = self._kg_of[key if isinstance(key, bytes) else key.encode()]
+                    if isinstance(got, dict):
+                        entries = entries[0] if entries and isinstance(entries[0], list) else entries
+                    if kg in self.single:
+                        entries = entries[:1]
+                    task = asyncio.get_running_loop().create_task(self._chunk(kg, entries))
+                    inflight[kg] = task
+                    task.add_done_callback(self._done_callback(inflight, kg))
+        finally:
+            if inflight:
+                await asyncio.gather(*inflight.values(), return_exceptions=True)
+            self.running = False
+
+    @staticmethod
+    def _done_callback(inflight: dict[int, asyncio.Task[None]], kg: int) -> Callable[[asyncio.Task[None]], None]:
+        def done(_task: asyncio.Task[None]) -> None:
+            inflight.pop(kg, None)
+
+        return done
+
+    async def _chunk(self, kg: int, entries: list[Any]) -> None:
+        """Submit one chunk of a group; move the group's cursor only if it committed."""
+        events: list[Any] = []
+        rejected: list[bytes] = []
+        now = int(time.time() * 1000)
+        for entry_id, fields in entries:
+            eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            evs, reason = decode_entry(fields or {})
+            if reason:
+                rejected.append(rejection(eid, kg, fields.get(b"events") or fields.get(b"event") or b"", reason))
+                continue
+            for ev in evs:
+                why = check_event(ev, now)[1]
+                if not why and ev["campaign"] not in self.campaigns:
+                    why = f"campaign: unknown campaign {ev['campaign']!r}"
+                if why:
+                    rejected.append(rejection(eid, kg, ev, why))
+                else:
+                    events.append(ev)
+        first = entries[0][0].decode() if isinstance(entries[0][0], bytes) else entries[0][0]
+        last = entries[-1][0].decode() if isinstance(entries[-1][0], bytes) else entries[-1][0]
+        try:
+            await self.submit(events, (kg, last), rejected)
+        except Exception as e:  # noqa: BLE001 - not committed: the cursor stays, the chunk is read again
+            self.stats["failed_chunks"] += 1
+            self.last_error = f"{type(e).__name__}: {e}"[:300]
+            if is_transient(e):
+                log.warning("partition %d: chunk of %d events not committed (%s); reading it again", kg,
+                            len(events), e)
+                await asyncio.sleep(0.2)
+                return
+            n = self.failures[(kg, first)] = self.failures.get((kg, first), 0) + 1
+            log.warning("partition %d: chunk at %s failed %d times: %s", kg, first, n, e)
+            if len(entries) > 1:
+                self.single.add(kg)  # find the entry that fails: one at a time
+            elif n >= POISON_AFTER:
+                await self._reject_poison(kg, entries[0], e)
+            await asyncio.sleep(0.2)
+            return
+        self.cursors[kg] = last
+        self.failures.pop((kg, first), None)
+        if len(entries) == 1 and kg in self.single and not any(k[0] == kg for k in self.failures):
+            self.single.discard(kg)
+        self.stats["events"] += len(events)
+        self.stats["chunks"] += 1
+        self.stats["rejected"] += len(rejected)
+
+    async def _reject_poison(self, kg: int, entry: Any, error: BaseException) -> None:
+        """Commit the offset past an entry that keeps failing alone, with the entry in playbus:rejected."""
+        eid = entry[0].decode() if isinstance(entry[0], bytes) else entry[0]
+        fields = entry[1] or {}
+        reason = f"processing failed {POISON_AFTER} times: {type(error).__name__}: {error}"[:1000]
+        record = rejection(eid, kg, fields.get(b"events") or fields.get(b"event") or b"", reason)
+        try:
+            await self.submit([], (kg, eid), [record])
+        except Exception as e:  # noqa: BLE001 - tried again on the next read
+            log.warning("partition %d: could not reject poison entry %s: %s", kg, eid, e)
+            return
+        log.error("partition %d: entry %s is poison, moved to playbus:rejected: %s", kg, eid, reason)
+        self.cursors[kg] = eid
+        self.failures.pop((kg, eid), None)
+        self.single.discard(kg)
+        self.stats["poison"] += 1
+
+    async def close(self) -> None:
+        await self.client.aclose()
