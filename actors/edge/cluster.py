@@ -93,9 +93,9 @@ class Cluster:
         self.ray_started = True
 
         from playbus.actors.edge.delivery_actor import DeliveryActor
+        from playbus.actors.edge.router_actor import InputRouterActor
         from playbus.actors.edge.serve_app import Ingress
         from playbus.actors.edge.shard_actor import UserActivityActor
-        from playbus.actors.edge.router_actor import InputRouterActor
 
         print(f"playbus: starting {config.shards} shards over {config.key_groups} key groups", flush=True)
         self.shards = [

@@ -15,10 +15,11 @@ import os
 import time
 from typing import Any
 
-import msgpack
+import msgspec
 import ray
 from ray.util import metrics
 
+from playbus.actors.engine.events import decode_events
 from playbus.actors.service.batcher import MicroBatcher
 from playbus.actors.service.partition_reader import PartitionReader
 from playbus.actors.service.shard import PreparedBatch, ShardCore
@@ -28,6 +29,7 @@ from playbus.config.schema import Config
 __all__ = ["UserActivityActor"]
 
 log = logging.getLogger("playbus.shard")
+_encode = msgspec.msgpack.Encoder().encode
 STUCK_AFTER_S = 30.0  # a caller waiting this long for its batch makes the shard unhealthy
 
 
@@ -75,10 +77,8 @@ class _UserActivityActor:
 
     async def process(self, payload: bytes) -> bytes:
         """msgpack list of events in, msgpack list of results out (after the durable commit)."""
-        events = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-        results = await self.process_events(events)
-        reply: bytes = msgpack.packb(results)
-        return reply
+        results = await self.process_events(decode_events(payload))
+        return _encode(results)
 
     async def process_events(self, events: list[Any]) -> list[dict[str, Any]]:
         self._ensure_reader()

@@ -14,18 +14,33 @@ from dataclasses import dataclass, field
 from typing import Any
 from zlib import crc32
 
+import msgpack
+
 from playbus.actors.engine.budgets import Budgets, LocalBudgets
 from playbus.actors.engine.caps import CapBook
 from playbus.actors.engine.clock import CampaignClock
 from playbus.actors.engine.decisions import Decision
-from playbus.actors.engine.events import Event, check_event
+from playbus.actors.engine.events import Event, EventIn, Rejected, check_event
 from playbus.actors.engine.keys import action_id, user_key
 from playbus.actors.engine.state import _DIGEST, _STAMP, DIGEST_SEED, UserState, decode_snapshot, encode_snapshot
 from playbus.config.schema import CampaignConfig, Config, RuleConfig
 from playbus.scripting.registry import ScriptRegistry
 from playbus.scripting.sandbox import Sandbox
 
-__all__ = ["BatchOutcome", "ShardEngine"]
+__all__ = ["BatchOutcome", "ShardEngine", "user_keys"]
+
+
+def user_keys(events: list[Any]) -> list[str]:
+    """The user key of every event that names a campaign and a user (EventIn, or a dict with string ones)."""
+    out = []
+    for e in events:
+        if type(e) is EventIn:
+            out.append(f"{e.campaign}\x00{e.user}")  # = keys.user_key, inlined per event
+        elif type(e) is dict:
+            c, u = e.get("campaign"), e.get("user")
+            if type(c) is str and type(u) is str:
+                out.append(user_key(c, u))
+    return out
 
 _new = tuple.__new__
 CHUNK_RUNS = 256  # with a time budget, rules run in chunks of about this many runs, the time checked between
@@ -172,11 +187,11 @@ class ShardEngine:
         for idx, raw in enumerate(events):
             ev, reason = check_event(raw, now_ms)
             if ev is None:
-                rid = raw.get("id") if type(raw) is dict else None
+                rid = raw.get("id") if type(raw) is dict else raw.id if type(raw) is Rejected else None
                 results[idx] = {"id": rid if type(rid) is str else None, "status": "rejected",
                                 "actions": [], "errors": [reason]}
                 continue
-            eid, campaign, user, etype, ts, _, blob = ev  # locals: NamedTuple attribute reads cost ~30 ns each
+            eid, campaign, user, etype, ts, blob = ev  # locals: NamedTuple attribute reads cost ~30 ns each
             camp = campaigns.get(campaign)
             if camp is None:
                 results[idx] = {"id": eid, "status": "rejected", "actions": [],
@@ -237,7 +252,7 @@ class ShardEngine:
         journal, actions, failed, results = out.journal, out.actions, out.failed, out.results
         for idx, ev, st, day, camp, rs in work:
             res = results[idx]
-            eid, campaign, user, _, ts, _, _ = ev
+            eid, campaign, user, _, ts, _ = ev
             for rule in rs.rules:
                 err, changes, emits = records[ri]
                 ri += 1
@@ -265,9 +280,9 @@ class ShardEngine:
 
     @staticmethod
     def _failed_entry(ev: Event, rule: _Rule, err: str) -> dict[str, Any]:
-        event = {"id": ev.id, "campaign": ev.campaign, "user": ev.user, "type": ev.type, "ts": ev.ts}
-        if ev.data:
-            event["data"] = ev.data
+        event: dict[str, Any] = {"id": ev.id, "campaign": ev.campaign, "user": ev.user, "type": ev.type, "ts": ev.ts}
+        if ev.blob:
+            event["data"] = msgpack.unpackb(ev.blob, raw=False, strict_map_key=False)
         return {"event": event, "rule": rule.id, "script_version": rule.version, "error": err}
 
     def _admit(self, camp: _Campaign, st: UserState, atype: str, params: dict[str, Any], day: int) -> str:
@@ -294,12 +309,10 @@ class ShardEngine:
     def missing(self, events: list[Any]) -> list[str]:
         """Keys of the users these events touch that are not in memory (to load before `process`)."""
         users, out, seen = self.users, [], set()
-        for raw in events:
-            if type(raw) is dict and type(raw.get("campaign")) is str and type(raw.get("user")) is str:
-                key = user_key(raw["campaign"], raw["user"])
-                if key not in users and key not in seen:
-                    seen.add(key)
-                    out.append(key)
+        for key in user_keys(events):
+            if key not in users and key not in seen:
+                seen.add(key)
+                out.append(key)
         return out
 
     def start_users(self, events: list[Any], context: dict[str, Any] | bytes) -> None:

@@ -1,46 +1,197 @@
-"""Validation of incoming events: a bad event gets a reason, never an exception."""
+"""Events: their wire form, their validation, and what the engine decides on. A bad event gets a reason, never an
+exception.
+
+Between processes an event travels as `EventIn` (msgspec): its fields checked while it is decoded, in C, and its
+`data` kept as the raw msgpack map it arrived as, which is also the form the sandbox reads, so `data` is never
+decoded nor encoded again on its way to a rule. A batch decodes in one call; when one event of it is bad, the batch
+is decoded event by event, so that the bad one is rejected alone with a reason naming its field. Events given as
+plain dicts (the dry runs, the tests) take `check_event`'s slower path, with the same rules and messages.
+"""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import msgpack
+import msgspec
 
-__all__ = ["MAX_DATA_BYTES", "Event", "check_event"]
+__all__ = ["MAX_DATA_BYTES", "Event", "EventIn", "Rejected", "check_event", "decode_events", "decode_json_events",
+           "encode_events"]
 
 MAX_DATA_BYTES = 16 * 1024
 MAX_ID = 128
 MAX_NAME = 256
 MAX_TS = 2**53
 
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID)]
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
+_Ts = Annotated[int, msgspec.Meta(ge=0, lt=MAX_TS)]
+_NO_DATA = msgspec.Raw(b"")
+
+
+class EventIn(msgspec.Struct, omit_defaults=True):
+    """An event on the wire (msgpack): `data` is the raw msgpack of its object (empty when absent)."""
+
+    id: _Id
+    campaign: _Name
+    user: _Name
+    type: _Name
+    ts: _Ts | None = None
+    data: msgspec.Raw = _NO_DATA
+
+
+class _EventJson(msgspec.Struct):
+    """An event as JSON gives it; turned into EventIn (its data packed once) right after decoding."""
+
+    id: _Id
+    campaign: _Name
+    user: _Name
+    type: _Name
+    ts: _Ts | None = None
+    data: dict[str, Any] | None = None
+
 
 class Event(NamedTuple):
-    """A valid event; `blob` is `data` as msgpack (False when empty), the form the sandbox reads."""
+    """A valid event as the engine decides on it; `blob` is its data as msgpack (False when empty)."""
 
     id: str
     campaign: str
     user: str
     type: str
     ts: int
-    data: dict[str, Any]
     blob: bytes | bool
 
 
-def _name(raw: dict[str, Any], field: str) -> str | None:
-    v = raw.get(field)
-    if type(v) is not str or not v or len(v) > MAX_NAME:
-        return None
-    return v
+class Rejected(NamedTuple):
+    """An event that cannot be decided: its id (when it has a string one), why, and what arrived."""
+
+    id: str | None
+    reason: str
+    raw: Any
 
 
 _pack = msgpack.Packer().pack
-_new = tuple.__new__  # builds an Event without NamedTuple's slower keyword-checking constructor
-_EMPTY: dict[str, Any] = {}
+_new = tuple.__new__  # builds a NamedTuple without its slower keyword-checking constructor
+_encode = msgspec.msgpack.Encoder().encode
+_dec_batch = msgspec.msgpack.Decoder(list[EventIn])
+_dec_one = msgspec.msgpack.Decoder(EventIn)
+_dec_raws = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_dec_any = msgspec.msgpack.Decoder()
+_dec_json_batch = msgspec.json.Decoder(list[_EventJson])
+_dec_json_one = msgspec.json.Decoder(_EventJson)
+_dec_json_raws = msgspec.json.Decoder(list[msgspec.Raw])
+_dec_json_any = msgspec.json.Decoder()
+
+
+def encode_events(events: list[EventIn]) -> bytes:
+    """A msgpack array of events (their data embedded as it is)."""
+    return _encode(events)
+
+
+def _data_problem(raw: msgspec.Raw | bytes) -> str:
+    """Why a raw msgpack `data` is not an object of at most MAX_DATA_BYTES, or ""."""
+    data = memoryview(raw)
+    if not len(data) or data[0] == 0xC0:  # absent, or nil
+        return ""
+    first = data[0]
+    if not (0x80 <= first <= 0x8F or first in (0xDE, 0xDF)):
+        return "data: expected an object"
+    if len(data) > MAX_DATA_BYTES:
+        return f"data: {len(data)} bytes encoded, at most {MAX_DATA_BYTES} allowed"
+    return ""
+
+
+def _reject(raw: Any, fallback: str) -> Rejected:
+    """The rejection of one event given as plain data: check_event's reason, else `fallback`."""
+    rid = raw.get("id") if type(raw) is dict else None
+    reason = check_event(raw, 0)[1] or fallback
+    return Rejected(rid if type(rid) is str else None, reason, raw)
+
+
+def decode_events(body: bytes) -> list[EventIn | Rejected]:
+    """The events of a msgpack body (one event, or an array of them), in order, each valid or rejected.
+    Raises msgspec.DecodeError when the body is not msgpack at all."""
+    first = body[:1]
+    if first and (0x90 <= first[0] <= 0x9F or first[0] in (0xDC, 0xDD)):
+        try:
+            events: list[EventIn | Rejected] = list(_dec_batch.decode(body))
+        except msgspec.ValidationError:
+            events = [_one(raw) for raw in _dec_raws.decode(body)]
+    else:
+        events = [_one(msgspec.Raw(body))]
+    for i, e in enumerate(events):
+        if type(e) is EventIn:
+            problem = _data_problem(e.data)
+            if problem:
+                events[i] = Rejected(e.id, problem, None)
+    return events
+
+
+def _one(raw: msgspec.Raw) -> EventIn | Rejected:
+    try:
+        return _dec_one.decode(raw)
+    except msgspec.ValidationError as e:
+        return _reject(_dec_any.decode(raw), _message(e))
+
+
+def decode_json_events(body: bytes) -> list[EventIn | Rejected]:
+    """The events of a JSON body (one event, or an array of them), in order, each valid or rejected.
+    Raises msgspec.DecodeError when the body is not JSON at all."""
+    if body.lstrip()[:1] == b"[":
+        try:
+            parsed: list[_EventJson | Rejected] = list(_dec_json_batch.decode(body))
+        except msgspec.ValidationError:
+            parsed = [_one_json(raw) for raw in _dec_json_raws.decode(body)]
+    else:
+        parsed = [_one_json(msgspec.Raw(body))]
+    out: list[EventIn | Rejected] = []
+    for e in parsed:
+        if type(e) is _EventJson:
+            out.append(_from_json(e))
+        else:
+            out.append(e)  # type: ignore[arg-type]
+    return out
+
+
+def _one_json(raw: msgspec.Raw) -> _EventJson | Rejected:
+    try:
+        return _dec_json_one.decode(raw)
+    except msgspec.ValidationError as e:
+        return _reject(_dec_json_any.decode(raw), _message(e))
+
+
+def _from_json(e: _EventJson) -> EventIn | Rejected:
+    if not e.data:
+        return EventIn(e.id, e.campaign, e.user, e.type, e.ts)
+    try:
+        data = _encode(e.data)
+    except (OverflowError, ValueError, TypeError) as err:
+        return Rejected(e.id, f"data: cannot be encoded ({err}): integers must fit in 64 bits", None)
+    problem = _data_problem(data)
+    if problem:
+        return Rejected(e.id, problem, None)
+    return EventIn(e.id, e.campaign, e.user, e.type, e.ts, msgspec.Raw(data))
+
+
+def _message(e: msgspec.ValidationError) -> str:
+    """msgspec's message in our form: "field: what was expected"."""
+    text = str(e)
+    what, _, where = text.partition(" - at `$.")
+    field = where.rstrip("`").split(".")[0].split("[")[0] if where else ""
+    return f"{field}: {what[0].lower() + what[1:]}" if field else text
 
 
 def check_event(raw: Any, now_ms: int) -> tuple[Event | None, str]:
-    """(event, "") for a valid event, else (None, reason). `now_ms` is the default `ts`."""
-    # Fast path: the common well-formed event, checked in one expression.
+    """(event, "") for a valid event, else (None, reason). `now_ms` is the default `ts`. An EventIn was checked
+    when it was decoded; a dict is checked here."""
+    if type(raw) is Rejected:
+        return None, raw.reason
+    if type(raw) is EventIn:
+        ts = raw.ts
+        wire = bytes(raw.data)  # b"", b"\xc0" (nil) or b"\x80" (an empty map): no data
+        return _new(Event, (raw.id, raw.campaign, raw.user, raw.type, now_ms if ts is None else ts,
+                            wire if len(wire) > 1 else False)), ""
+    # Fast path: the common well-formed dict event, checked in one expression.
     if type(raw) is dict:
         eid, campaign, user, etype = raw.get("id"), raw.get("campaign"), raw.get("user"), raw.get("type")
         ts, data = raw.get("ts", now_ms), raw.get("data")
@@ -52,16 +203,16 @@ def check_event(raw: Any, now_ms: int) -> tuple[Event | None, str]:
             and type(ts) is int and 0 <= ts < MAX_TS
         ):
             if data is None:
-                return _new(Event, (eid, campaign, user, etype, ts, _EMPTY, False)), ""
+                return _new(Event, (eid, campaign, user, etype, ts, False)), ""
             if type(data) is dict and len(data) < 64:
                 if not data:
-                    return _new(Event, (eid, campaign, user, etype, ts, data, False)), ""
+                    return _new(Event, (eid, campaign, user, etype, ts, False)), ""
                 try:
                     packed: bytes | None = _pack(data)
                 except (TypeError, ValueError, OverflowError):
                     packed = None
                 if packed is not None and len(packed) <= MAX_DATA_BYTES:
-                    return _new(Event, (eid, campaign, user, etype, ts, data, packed)), ""
+                    return _new(Event, (eid, campaign, user, etype, ts, packed)), ""
     return _check_slow(raw, now_ms)
 
 
@@ -71,11 +222,10 @@ def _check_slow(raw: Any, now_ms: int) -> tuple[Event | None, str]:
     eid = raw.get("id")
     if type(eid) is not str or not 0 < len(eid) <= MAX_ID:
         return None, f"id: expected a string of 1..{MAX_ID} characters, got {_show(eid)}"
-    campaign, user, etype = _name(raw, "campaign"), _name(raw, "user"), _name(raw, "type")
-    if campaign is None or user is None or etype is None:
-        for field, v in (("campaign", campaign), ("user", user), ("type", etype)):
-            if v is None:
-                return None, f"{field}: expected a string of 1..{MAX_NAME} characters, got {_show(raw.get(field))}"
+    for field in ("campaign", "user", "type"):
+        v = raw.get(field)
+        if type(v) is not str or not v or len(v) > MAX_NAME:
+            return None, f"{field}: expected a string of 1..{MAX_NAME} characters, got {_show(v)}"
     ts = raw.get("ts")
     if ts is None:
         ts = now_ms
@@ -84,7 +234,7 @@ def _check_slow(raw: Any, now_ms: int) -> tuple[Event | None, str]:
     data = raw.get("data")
     blob: bytes | bool = False
     if data is None:
-        data = {}
+        pass
     elif type(data) is not dict:
         return None, f"data: expected an object, got {type(data).__name__}"
     elif data:
@@ -95,7 +245,7 @@ def _check_slow(raw: Any, now_ms: int) -> tuple[Event | None, str]:
         if len(packed) > MAX_DATA_BYTES:
             return None, f"data: {len(packed)} bytes encoded, at most {MAX_DATA_BYTES} allowed"
         blob = packed
-    return Event(eid, campaign, user, etype, ts, data, blob), ""  # type: ignore[arg-type]
+    return Event(eid, raw["campaign"], raw["user"], raw["type"], ts, blob), ""
 
 
 def _show(v: Any) -> str:

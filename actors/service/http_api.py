@@ -7,7 +7,6 @@ order. It never answers 500 for bad input: 400 (unparseable), 413 (too large), 5
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,6 +16,7 @@ from urllib.parse import parse_qs, unquote
 import msgpack
 import redis
 
+from playbus.actors.engine.events import decode_events, decode_json_events
 from playbus.actors.engine.keys import user_key
 from playbus.actors.engine.state import decode_snapshot
 from playbus.actors.service.admin import AdminApi
@@ -89,14 +89,11 @@ class IngressCore:
         if len(body) > MAX_BODY:
             return error(413, f"request body of {len(body)} bytes exceeds {MAX_BODY}")
         ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        msgpack_body = ctype in ("application/msgpack", "application/x-msgpack")
         try:
-            if ctype in ("application/msgpack", "application/x-msgpack"):
-                doc = msgpack.unpackb(body, raw=False, strict_map_key=False)
-            else:
-                doc = json.loads(body)
+            events: list[Any] = decode_events(body) if msgpack_body else decode_json_events(body)
         except Exception as e:  # noqa: BLE001 - any decoding failure is a 400
-            return error(400, f"body is not valid {'msgpack' if 'msgpack' in ctype else 'JSON'}: {e}")
-        events = doc if isinstance(doc, list) else [doc]
+            return error(400, f"body is not valid {'msgpack' if msgpack_body else 'JSON'}: {e}")
         if len(events) > MAX_EVENTS:
             return error(413, f"{len(events)} events in one request; at most {MAX_EVENTS}")
         return events

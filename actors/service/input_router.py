@@ -13,10 +13,10 @@ import asyncio
 import logging
 from typing import Any
 
-import msgpack
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from playbus.actors.engine.events import EventIn, Rejected, encode_events
 from playbus.actors.engine.keys import group_prefix, key_group, user_key
 from playbus.actors.service.partition_reader import decode_entry, rejection
 from playbus.actors.store.commit import REJECTED_STREAM
@@ -73,7 +73,7 @@ class InputRouter:
     async def route(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         """Append one batch of `playbus:in` entries to their partitions (one record batch per partition), reject
         what cannot be read, acknowledge and delete them: one pipeline."""
-        by_group: dict[int, list[Any]] = {}
+        by_group: dict[int, list[EventIn]] = {}
         rejected: list[bytes] = []
         for entry_id, fields in entries:
             eid = entry_id.decode()
@@ -84,27 +84,13 @@ class InputRouter:
                 rejected.append(rejection(eid, None, fields.get(b"event") or b"", reason))
                 continue
             for ev in events:
-                c, u = (ev.get("campaign"), ev.get("user")) if isinstance(ev, dict) else (None, None)
-                if type(c) is not str or type(u) is not str:
-                    rejected.append(rejection(eid, None, ev, "campaign and user must be strings"))
+                if isinstance(ev, Rejected):
+                    rejected.append(rejection(eid, None, ev.raw if ev.raw is not None else {"id": ev.id}, ev.reason))
                     continue
-                by_group.setdefault(key_group(user_key(c, u), self.key_groups), []).append(ev)
+                by_group.setdefault(key_group(user_key(ev.campaign, ev.user), self.key_groups), []).append(ev)
         pipe = self.client.pipeline(transaction=False)
-        for kg, events in by_group.items():
-            try:
-                batch = msgpack.packb(events)
-            except (OverflowError, ValueError, TypeError):  # an event msgpack cannot carry: rejected alone
-                keep = []
-                for ev in events:
-                    try:
-                        msgpack.packb(ev)
-                        keep.append(ev)
-                    except (OverflowError, ValueError, TypeError) as e:
-                        rejected.append(rejection("", kg, ev, f"event cannot be encoded ({e}): integers must "
-                                                              "fit in 64 bits"))
-                by_group[kg] = events = keep
-                batch = msgpack.packb(events)
-            pipe.xadd(group_prefix(kg) + "in", {"events": batch})
+        for kg, group_events in by_group.items():
+            pipe.xadd(group_prefix(kg) + "in", {"events": encode_events(group_events)})
         for record in rejected:
             pipe.xadd(REJECTED_STREAM, {"rejected": record})
         ids = [eid for eid, _ in entries]

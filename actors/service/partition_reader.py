@@ -19,16 +19,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgpack
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from playbus.actors.engine.errors import PlaybusError
-from playbus.actors.engine.events import check_event
+from playbus.actors.engine.events import EventIn, Rejected, decode_events, decode_json_events
 from playbus.actors.engine.keys import group_prefix
 
 __all__ = ["POISON_AFTER", "PartitionReader", "decode_entry", "is_transient", "rejection"]
@@ -53,30 +52,40 @@ def rejection(entry: str, partition: int | None, event: Any, reason: str) -> byt
     return json.dumps(doc, default=str, ensure_ascii=False).encode()[:262_144]
 
 
-def decode_entry(fields: dict[bytes, bytes]) -> tuple[list[Any], str]:
-    """(events, "") of an input entry (a record batch or one event), or ([], reason)."""
+def as_dict(ev: EventIn) -> dict[str, Any]:
+    """An event as plain data (its data decoded), for a rejection record."""
+    doc: dict[str, Any] = {"id": ev.id, "campaign": ev.campaign, "user": ev.user, "type": ev.type, "ts": ev.ts}
+    if len(ev.data) > 1:
+        doc["data"] = msgspec.msgpack.decode(ev.data)
+    return doc
+
+
+def decode_entry(fields: dict[bytes, bytes]) -> tuple[list[EventIn | Rejected], str]:
+    """(events, "") of an input entry (a record batch or one event), each valid or rejected; or ([], reason)
+    when the entry itself cannot be read."""
     raw = fields.get(b"events")
     if raw is not None:
         if len(raw) > MAX_ENTRY:
             return [], f"record batch of {len(raw)} bytes is too large"
+        if not raw[:1] or not (0x90 <= raw[0] <= 0x9F or raw[0] in (0xDC, 0xDD)):
+            return [], "field 'events' is not a msgpack array of events"
         try:
-            events = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+            return decode_events(raw), ""
         except Exception as e:  # noqa: BLE001 - any decoding failure rejects the entry
             return [], f"field 'events' is not a msgpack array of events: {e}"
-        if not isinstance(events, list):
-            return [], "field 'events' is not a msgpack array of events"
-        return events, ""
     raw = fields.get(b"event")
     if raw is None:
         return [], 'entry has neither field "events" nor "event"'
     if len(raw) > 64 * 1024:
         return [], f"event of {len(raw)} bytes is too large"
     try:
-        if raw.lstrip()[:1] in (b"{", b"["):
-            return [json.loads(raw)], ""
-        return [msgpack.unpackb(raw, raw=False, strict_map_key=False)], ""
+        if raw.lstrip()[:1] == b"{":
+            return decode_json_events(raw), ""
+        if raw[:1] and (0x80 <= raw[0] <= 0x8F or raw[0] in (0xDE, 0xDF)):
+            return decode_events(raw), ""
     except Exception as e:  # noqa: BLE001 - any decoding failure rejects the entry
         return [], f"event is neither JSON nor msgpack: {e}"
+    return [], "event is neither JSON nor msgpack: expected one event (an object)"
 
 
 class PartitionReader:
@@ -150,10 +159,19 @@ class PartitionReader:
         return done
 
     async def _chunk(self, kg: int, entries: list[Any]) -> None:
-        """Submit one chunk of a group; move the group's cursor only if it committed."""
+        """Submit one chunk of a group; move the group's cursor only if it committed. Never raises: a chunk that
+        cannot even be prepared (a bug) is logged and read again later."""
+        try:
+            await self._submit_chunk(kg, entries)
+        except Exception as e:  # noqa: BLE001 - the cursor stays: read again after a pause
+            self.last_error = f"{type(e).__name__}: {e}"[:300]
+            log.exception("partition %d: a chunk could not be handled; reading it again in 1 s", kg)
+            await asyncio.sleep(1.0)
+
+    async def _submit_chunk(self, kg: int, entries: list[Any]) -> None:
         events: list[Any] = []
         rejected: list[bytes] = []
-        now = int(time.time() * 1000)
+        campaigns = self.campaigns
         for entry_id, fields in entries:
             eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             evs, reason = decode_entry(fields or {})
@@ -161,11 +179,10 @@ class PartitionReader:
                 rejected.append(rejection(eid, kg, fields.get(b"events") or fields.get(b"event") or b"", reason))
                 continue
             for ev in evs:
-                why = check_event(ev, now)[1]
-                if not why and ev["campaign"] not in self.campaigns:
-                    why = f"campaign: unknown campaign {ev['campaign']!r}"
-                if why:
-                    rejected.append(rejection(eid, kg, ev, why))
+                if isinstance(ev, Rejected):
+                    rejected.append(rejection(eid, kg, ev.raw if ev.raw is not None else {"id": ev.id}, ev.reason))
+                elif ev.campaign not in campaigns:
+                    rejected.append(rejection(eid, kg, as_dict(ev), f"campaign: unknown campaign {ev.campaign!r}"))
                 else:
                     events.append(ev)
         first = entries[0][0].decode() if isinstance(entries[0][0], bytes) else entries[0][0]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+import msgspec
 
 __all__ = ["MAX_BODY", "MAX_EVENTS", "Response", "error", "reply"]
 
@@ -12,7 +13,7 @@ MAX_BODY = 20 * 1024 * 1024  # 1000 events of up to 16 KiB data each, plus envel
 Response = tuple[int, dict[str, str], bytes]
 
 _JSON = {"content-type": "application/json"}
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+_dumps = msgspec.json.Encoder(enc_hook=str).encode  # compact; what JSON cannot hold is shown as text
 
 
 def reply(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
@@ -20,7 +21,7 @@ def reply(status: int, body: Any, headers: dict[str, str] | None = None) -> Resp
     h = dict(_JSON)
     if headers:
         h.update(headers)
-    return status, h, _dumps(body).encode()
+    return status, h, _dumps(body)
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:

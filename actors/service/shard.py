@@ -17,7 +17,7 @@ import redis
 
 from playbus.actors.engine.budgets import BudgetShortage
 from playbus.actors.engine.decisions import Decision, repeat_actions
-from playbus.actors.engine.engine import ShardEngine
+from playbus.actors.engine.engine import ShardEngine, user_keys
 from playbus.actors.engine.keys import group_prefix, groups_of_shard, user_key
 from playbus.actors.store.catalog import ScriptCatalog
 from playbus.actors.store.commit import RedisStore
@@ -128,8 +128,7 @@ class ShardCore:
 
     def keys_of(self, events: list[Any]) -> set[str]:
         """The user keys these events touch (whatever their validity)."""
-        return {user_key(e["campaign"], e["user"]) for e in events
-                if type(e) is dict and type(e.get("campaign")) is str and type(e.get("user")) is str}
+        return set(user_keys(events))
 
     def recover(self, error: Exception) -> bool:
         """After a failed prepare: lease what a short batch needs (I/O); True if deciding again may succeed."""

@@ -673,7 +673,7 @@ def test_malformed_stream_entries_land_in_rejected(playbus: Playbus) -> None:
         assert found, f"not all in playbus:rejected: {r.xrange('playbus:rejected')}"
     assert found[garbage]["event"] == "{not json"
     assert found[garbage]["reason"].startswith("event is neither JSON nor msgpack")
-    assert found[invalid]["reason"] == "campaign and user must be strings"
+    assert found[invalid]["reason"] == "user: expected a string of 1..256 characters, got nothing"
     assert found[invalid]["event"] == {"id": "stream-invalid", "campaign": CAMPAIGN}
     assert found[no_field]["reason"] == 'entry has neither field "events" nor "event"'
     assert _wait_for(lambda: playbus.context("u-stream-rej") == {"quiz.answered": 1}, 10)

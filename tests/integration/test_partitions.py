@@ -142,7 +142,7 @@ def test_a_restarted_reader_resumes_at_the_committed_offset(config: Config, redi
 
     def wrap(shard: Shard) -> Callable[..., Any]:
         async def submit(events: list[Any], offset: Any, rejected: list[bytes]) -> Any:
-            committed.extend(e["data"]["seq"] for e in events)
+            committed.extend(msgpack.unpackb(bytes(e.data))["seq"] for e in events)
             return await shard.batcher.submit(events, offset, rejected)
         return submit
 
@@ -206,7 +206,7 @@ def test_a_poison_entry_is_rejected_after_three_failures_and_the_entries_behind_
 
     def wrap(shard: Shard) -> Callable[..., Any]:
         async def submit(events: list[Any], offset: Any, rejected: list[bytes]) -> Any:
-            if any(e["id"] == "poison" for e in events):
+            if any(e.id == "poison" for e in events):
                 raise ValueError("the engine chokes on this event")  # a bug, not an outage
             return await shard.batcher.submit(events, offset, rejected)
         return submit
