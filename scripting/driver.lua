@@ -793,11 +793,11 @@ end
 
 -- Run every rule of every event of a batch. `cols` is a flat array with STRIDE fields per event:
 -- id, type, user, campaign, ts, day, data (msgpack or false), context key, rule set.
--- Returns one msgpack record per rule run, concatenated: [error|nil, changes|nil, emits|nil]. What a run
+-- Returns a msgpack array of `runs` records, one per rule run: [error|nil, changes|nil, emits|nil]. What a run
 -- returns depends only on its event, its context and its script: never on the rest of the batch.
 local STRIDE = 9
-function API.run_batch(cols, n)
-  local out = {}
+function API.run_batch(cols, n, runs)
+  local out = {spack(">BI4", 0xdd, runs)}   -- one msgpack array of every run's record
   for i = 0, n - 1 do
     local b = i * STRIDE
     local key = cols[b + 8]

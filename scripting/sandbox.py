@@ -12,6 +12,7 @@ from typing import Any
 
 import lupa.lua54 as lua54
 import msgpack
+import msgspec
 
 from playbus.scripting.errors import ScriptCompileError
 
@@ -26,6 +27,7 @@ _HOOK_EVERY = 1000  # instructions per count-hook call, as set in driver.lua
 # per batch by twice this per run (Lua pieces and the final concat), so that building a batch's result can
 # never fail it: what one run gets never depends on the rest of the batch.
 _RUN_BYTES = 65536
+_decode = msgspec.msgpack.Decoder().decode
 _LINE = re.compile(r"^[^:]*:(\d+): (.*)$", re.S)
 
 
@@ -115,10 +117,8 @@ class Sandbox:
             return []
         lua = self._lua
         lua.set_max_memory(lua.get_memory_used() + self._headroom + 2 * _RUN_BYTES * runs)
-        blob = self._run_batch(self._table_from(cols), n)
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-        unpacker.feed(blob)
-        return list(unpacker)
+        records: list[list[Any]] = _decode(self._run_batch(self._table_from(cols), n, runs))
+        return records
 
     def disabled_rules(self) -> list[tuple[str, str]]:
         """(rule id, why) of every rule disabled for failing its budget too often."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 from zlib import crc32
 
-import msgpack
+import msgspec
 
 from playbus.actors.engine.errors import StateError
 
@@ -18,6 +18,8 @@ SNAPSHOT_VERSION = 2
 _DIGEST = 8  # bytes per remembered event id
 _STAMP = 4  # bytes per receive time (seconds since the epoch, little-endian uint32)
 DIGEST_SEED = 0x5BD1E995
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
 
 
 def event_digest(event_id: str) -> bytes:
@@ -63,8 +65,7 @@ def encode_snapshot(state: UserState, context: bytes | None) -> bytes:
     """msgpack [version, seen, stamps, caps [[cap id, period, n], ...], context-msgpack-or-nil]."""
     caps = [[i, p, n] for i, periods in sorted(state.caps.items()) for p, n in sorted(periods.items())] \
         if state.caps else []
-    blob: bytes = msgpack.packb([SNAPSHOT_VERSION, state.seen, state.stamps, caps, context], use_bin_type=True)
-    return blob
+    return _encode([SNAPSHOT_VERSION, state.seen, state.stamps, caps, context])
 
 
 def decode_snapshot(blob: bytes) -> tuple[UserState, bytes | None]:
@@ -73,7 +74,7 @@ def decode_snapshot(blob: bytes) -> tuple[UserState, bytes | None]:
     A version 1 snapshot (no receive times, caps counted by position) decodes with every id received at time 0
     and integer cap keys, which the engine maps to the cap at that position of the campaign."""
     try:
-        v: Any = msgpack.unpackb(blob, raw=False)
+        v: Any = _decode(blob)
         if v[0] == 1:
             version, seen, caps, context = v
             stamps = bytes(_STAMP * (len(seen) // _DIGEST))
