@@ -236,10 +236,13 @@ end
 
 ---------------------------------------------------------------------------------------------------
 -- The state of the rule run in progress.
-local CTX = {}            -- user key -> context table (authoritative, in memory)
+local CTX = {}            -- user slot (a small integer Python hands out) -> context table (authoritative, in memory)
 local NILV = {}           -- overlay marker of a deleted key
-local cur_base, cur_over, cur_writes, cur_emits, cur_rule, cur_bytes
-local cur_event, cur_blob, cur_ts, cur_day, cur_rng
+-- The run's writes go to an overlay (one table reused by every run, emptied after it; `cur_writes` keys in it),
+-- merged into the context when the run succeeds.
+local OVER = {}
+local cur_base, cur_over, cur_writes, cur_emits, cur_rule, cur_bytes = nil, OVER, 0, nil, nil, 0
+local cur_blob, cur_ts, cur_day, cur_rng
 
 local function ctx_get(_, k)
   if type(k) ~= "string" then error("ctx:get: key must be a string", 2) end
@@ -253,16 +256,20 @@ end
 -- would otherwise make a single run's result 256 MiB and fail the whole batch in run_batch).
 local RUN_BYTES_ERR = sformat("rule run writes and emits more than %d bytes", MAX_RUN_BYTES)
 
-local NO_WRITES, NO_EMITS = setmetatable({}, {__newindex = function() error("driver bug", 0) end}), {}
+local NO_EMITS = {}
+-- `cur_writes` is always the number of keys in the overlay (checked before anything changes), which the
+-- record encoding relies on, even when a script catches one of these errors and goes on.
 local function ctx_put(k, v, size)
-  if cur_over == NO_WRITES then cur_over = {} end
-  if cur_over[k] == nil then
-    cur_writes = cur_writes + 1
-    if cur_writes > MAX_WRITES then error(sformat("ctx: more than %d keys written in one rule run", MAX_WRITES), 3) end
+  local over = cur_over
+  local bytes = cur_bytes + 5 + #k + size
+  if bytes > MAX_RUN_BYTES then error(RUN_BYTES_ERR, 3) end
+  if over[k] == nil then
+    local w = cur_writes + 1
+    if w > MAX_WRITES then error(sformat("ctx: more than %d keys written in one rule run", MAX_WRITES), 3) end
+    cur_writes = w
   end
-  cur_bytes = cur_bytes + 5 + #k + size
-  if cur_bytes > MAX_RUN_BYTES then error(RUN_BYTES_ERR, 3) end
-  if v == nil then cur_over[k] = NILV else cur_over[k] = v end
+  cur_bytes = bytes
+  if v == nil then over[k] = NILV else over[k] = v end
 end
 
 -- Context keys already checked (a bounded cache: the same few keys are used by every rule run).
@@ -283,25 +290,60 @@ local function ctx_set(_, k, v)
   ctx_put(k, value, size)
 end
 
+-- The most frequent call of all: ctx_put inlined, and as few VM instructions as it takes (they run under the
+-- count hook).
 local function ctx_incr(_, k, by)
-  if not key_ok(k) then
+  if not KEY_OK[k] and not key_ok(k) then
     error(sformat("ctx:incr: key must be a string of 1..%d bytes", MAX_KEY), 2)
   end
-  if by == nil then by = 1 end
-  if type(by) ~= "number" or by ~= by or by == huge or by == -huge then
+  if by == nil then by = 1
+  elseif type(by) ~= "number" or by - by ~= 0 then   -- NaN - NaN and inf - inf are NaN
     error("ctx:incr: 'by' must be a finite number", 2)
   end
-  local v = cur_over[k]
-  if v == nil then v = cur_base[k] elseif v == NILV then v = nil end
-  if v == nil then v = 0 end
-  if type(v) ~= "number" then error(sformat("ctx:incr: key '%s' holds a %s, not a number", k, type(v)), 2) end
+  local over = cur_over
+  local v = over[k]
+  local new = v == nil
+  if new then v = cur_base[k] elseif v == NILV then v = nil end
+  if v == nil then v = 0
+  elseif type(v) ~= "number" then error(sformat("ctx:incr: key '%s' holds a %s, not a number", k, type(v)), 2) end
   v = v + by
-  if v - v ~= 0 then error("ctx:incr: the result is not finite", 2) end   -- inf - inf is NaN
-  ctx_put(k, v, 9)
+  if v - v ~= 0 then error("ctx:incr: the result is not finite", 2) end
+  local bytes = cur_bytes + 14 + #k
+  if bytes > MAX_RUN_BYTES then error(RUN_BYTES_ERR, 2) end
+  if new then
+    local w = cur_writes + 1
+    if w > MAX_WRITES then error(sformat("ctx: more than %d keys written in one rule run", MAX_WRITES), 2) end
+    cur_writes = w
+  end
+  cur_bytes = bytes
+  over[k] = v
   return v
 end
 
 local LOCKED = "locked"
+
+-- The event a script sees: one read-only proxy reused for every rule run (creating a table per run was
+-- the largest fixed cost of a run). Reads go proxy -> EV (the current fields, reset before each run) ->
+-- a loader that decodes `data` on first use, a fresh table per run so no rule sees another's mutations.
+local EV = setmetatable({}, {
+  __index = function(t, k)
+    if k == "data" then
+      local d = cur_blob and decode(cur_blob) or {}
+      rawset(t, "data", d)
+      return d
+    end
+  end,
+})
+local EVENT = setmetatable({}, {
+  __index = EV,
+  __newindex = function() error("event is read-only", 2) end,
+  __pairs = function()
+    local c = {id = EV.id, type = EV.type, user = EV.user, campaign = EV.campaign, ts = EV.ts, data = EV.data}
+    return next, c, nil
+  end,
+  __metatable = LOCKED,
+})
+
 local ctx_methods = {get = ctx_get, set = ctx_set, incr = ctx_incr}
 local CTXOBJ = setmetatable({}, {
   __index = ctx_methods,
@@ -357,7 +399,7 @@ local function rng_next()
   -- splitmix64 over a state seeded by FNV-1a of (event id, rule id)
   if cur_rng == nil then
     local h = -3750763034362895579   -- 0xcbf29ce484222325
-    local s = cur_event.id .. "\0" .. cur_rule.id
+    local s = EV.id .. "\0" .. cur_rule.id
     for i = 1, #s do h = (h ~ sbyte(s, i)) * 1099511628211 end
     cur_rng = h
   end
@@ -591,11 +633,11 @@ local BASE_MT = {__index = BASE, __metatable = LOCKED}
 local SCRIPTS, RULES, RULESETS = {}, {}, {}
 local context_fits  -- defined with run_batch, below
 
-function run_guarded(f, ...)
+function run_guarded(f, a, b, c)
   steps, limit, exhausted, mem_start, mem_cap = 0, MAX_INSTR_HOOKS, false, collectgarbage("count"), MAX_MEM_KB
   deadline = false
   sethook(hook, "", 1000)
-  local ok, err = pcall(f, ...)
+  local ok, err = pcall(f, a, b, c)
   sethook()
   limit, mem_cap, deadline = huge, huge, huge
   if not ok and err == NOMEM then exhausted = MEMORY_ERR end   -- lupa's hard limit: report it as the cap
@@ -729,33 +771,12 @@ function API.disabled_rules()
 end
 function API.drop_script(handle) SCRIPTS[handle] = nil end
 
-function API.define_ruleset(handle, rules_blob)
+-- The rules one event type runs in one campaign, in order (the event's campaign and type are the set's).
+function API.define_ruleset(handle, rules_blob, campaign, etype)
   local list = {}
   for i, r in ipairs(decode(rules_blob)) do list[i] = RULES[r] end
-  RULESETS[handle] = list
+  RULESETS[handle] = {rules = list, n = #list, campaign = campaign, type = etype}
 end
-
--- The event a script sees: one read-only proxy reused for every rule run (creating a table per run was
--- the largest fixed cost of a run). Reads go proxy -> EV (the current fields, reset before each run) ->
--- a loader that decodes `data` on first use, a fresh table per run so no rule sees another's mutations.
-local EV = setmetatable({}, {
-  __index = function(t, k)
-    if k == "data" then
-      local d = cur_blob and decode(cur_blob) or {}
-      rawset(t, "data", d)
-      return d
-    end
-  end,
-})
-local EVENT = setmetatable({}, {
-  __index = EV,
-  __newindex = function() error("event is read-only", 2) end,
-  __pairs = function()
-    local c = {id = EV.id, type = EV.type, user = EV.user, campaign = EV.campaign, ts = EV.ts, data = EV.data}
-    return next, c, nil
-  end,
-  __metatable = LOCKED,
-})
 
 -- The size of a user's context is kept as an upper bound (what it was when loaded, plus the bytes of every
 -- run's writes since); when a run's writes would take the bound over MAX_CTX_BYTES, the exact size of the
@@ -770,8 +791,8 @@ local function encoded_size(v)
   return n
 end
 
-function context_fits(key, base)
-  local bound = (CTX_SIZE[key] or 0) + cur_bytes
+function context_fits(slot, base)
+  local bound = (CTX_SIZE[slot] or 0) + cur_bytes
   if bound > MAX_CTX_BYTES then
     local olds = {}
     for k, v in next, cur_over do
@@ -787,30 +808,38 @@ function context_fits(key, base)
       return false, sformat("ctx: the user's context would be %d bytes, over the limit of %d", bound, MAX_CTX_BYTES)
     end
   end
-  CTX_SIZE[key] = bound
+  CTX_SIZE[slot] = bound
   return true
 end
 
 -- Run every rule of every event of a batch. `cols` is a flat array with STRIDE fields per event:
--- id, type, user, campaign, ts, day, data (msgpack or false), context key, rule set.
+-- id, user, ts, day, data (msgpack or false), context slot, rule set (which gives the campaign and the type).
 -- Returns a msgpack array of `runs` records, one per rule run: [error|nil, changes|nil, emits|nil]. What a run
 -- returns depends only on its event, its context and its script: never on the rest of the batch.
-local STRIDE = 9
+local STRIDE = 7
+local function clear_over()
+  local over = cur_over
+  for k in next, over do over[k] = nil end
+  cur_writes = 0
+end
+
 function API.run_batch(cols, n, runs)
-  local out = {spack(">BI4", 0xdd, runs)}   -- one msgpack array of every run's record
+  local out, no = {spack(">BI4", 0xdd, runs)}, 1   -- one msgpack array of every run's record
+  local ev = EVENT
   for i = 0, n - 1 do
     local b = i * STRIDE
-    local key = cols[b + 8]
-    local base = CTX[key]
-    if base == nil then base = {}; CTX[key] = base end
-    local rs = RULESETS[cols[b + 9]]
-    for j = 1, #rs do
-      local rule = rs[j]
-      EV.id, EV.type, EV.user, EV.campaign, EV.ts, EV.data = cols[b + 1], cols[b + 2], cols[b + 3], cols[b + 4],
-        cols[b + 5], nil
-      local ev = EVENT
-      cur_event, cur_blob, cur_ts, cur_day, cur_rng = ev, cols[b + 7], cols[b + 5], cols[b + 6], nil
-      cur_base, cur_over, cur_writes, cur_emits, cur_rule, cur_bytes = base, NO_WRITES, 0, NO_EMITS, rule, 0
+    local slot = cols[b + 6]
+    local base = CTX[slot]
+    if base == nil then base = {}; CTX[slot] = base end
+    local rs = RULESETS[cols[b + 7]]
+    local ts = cols[b + 3]
+    EV.id, EV.type, EV.user, EV.campaign, EV.ts = cols[b + 1], rs.type, cols[b + 2], rs.campaign, ts
+    cur_blob, cur_ts, cur_day, cur_base = cols[b + 5], ts, cols[b + 4], base
+    local rules = rs.rules
+    for j = 1, rs.n do
+      local rule = rules[j]
+      EV.data = nil
+      cur_rng, cur_emits, cur_rule, cur_bytes = nil, NO_EMITS, rule, 0
       local script = SCRIPTS[rule.script]
       local ok, err
       if rule.disabled then ok, err = false, rule.disabled
@@ -820,9 +849,10 @@ function API.run_batch(cols, n, runs)
         ok, err = run_guarded(script.decide, ev, CTXOBJ)
         if script.watched[1] then restore_watched(script.watched) end
       end
+      local writes = cur_writes
       if ok then
         rule.fails = 0
-        if cur_over ~= NO_WRITES then ok, err = context_fits(key, base) end
+        if writes > 0 then ok, err = context_fits(slot, base) end
       elseif err == BUDGET_ERR or err == MEMORY_ERR or err == TIME_ERR then
         rule.fails = rule.fails + 1
         if rule.fails >= DISABLE_AFTER then
@@ -832,54 +862,57 @@ function API.run_batch(cols, n, runs)
       end
       if ok then
         local over = cur_over
-        if over == NO_WRITES then
-          out[#out + 1] = "\x93\xc0\xc0"
-        elseif cur_writes == 1 then
+        no = no + 1
+        if writes == 0 then
+          out[no] = "\x93\xc0\xc0"
+        elseif writes == 1 then
           -- One key written (the common case): the record's head in a single string.pack.
           local k, v = next(over)
+          over[k] = nil
           if v == NILV then
             base[k] = nil
-            out[#out + 1] = spack(">BBBBs1B", 0x93, 0xc0, 0x81, 0xd9, k, 0xc0)
+            out[no] = spack(">BBBBs1B", 0x93, 0xc0, 0x81, 0xd9, k, 0xc0)
           else
             base[k] = v
-            if mtype(v) == "integer" then out[#out + 1] = spack(">BBBBs1Bi8", 0x93, 0xc0, 0x81, 0xd9, k, 0xd3, v)
-            else out[#out + 1] = spack(">BBBBs1", 0x93, 0xc0, 0x81, 0xd9, k); enc(v, out) end
+            if mtype(v) == "integer" then out[no] = spack(">BBBBs1Bi8", 0x93, 0xc0, 0x81, 0xd9, k, 0xd3, v)
+            else out[no] = spack(">BBBBs1", 0x93, 0xc0, 0x81, 0xd9, k); enc(v, out); no = #out end
           end
+          cur_writes = 0
         else
-          out[#out + 1] = "\x93\xc0"
-          local count = 0
-          for _ in next, over do count = count + 1 end
-          out[#out + 1] = count < 16 and schar(0x80 + count) or spack(">BI4", 0xdf, count)
+          out[no] = writes < 16 and schar(0x93, 0xc0, 0x80 + writes) or spack(">BBBI4", 0x93, 0xc0, 0xdf, writes)
           for k, v in next, over do
             enc(k, out)
             if v == NILV then base[k] = nil; out[#out + 1] = "\xc0" else base[k] = v; enc(v, out) end
           end
+          clear_over()
+          no = #out
         end
-        if cur_emits == NO_EMITS then out[#out + 1] = "\xc0" else enc(cur_emits, out) end
+        if cur_emits == NO_EMITS then no = no + 1; out[no] = "\xc0" else enc(cur_emits, out); no = #out end
       else
-        out[#out + 1] = "\x93"
+        if writes > 0 then clear_over() end
+        no = no + 1
+        out[no] = "\x93"
         enc(errtext(err), out)
-        out[#out + 1] = "\xc0\xc0"
+        no = #out + 1
+        out[no] = "\xc0\xc0"
       end
     end
   end
-  cur_event, cur_blob, cur_base, cur_over, cur_emits, cur_rule = nil, nil, nil, nil, nil, nil
+  cur_blob, cur_base, cur_emits, cur_rule = nil, nil, nil, nil
   return concat(out)
 end
 
--- Contexts: read (msgpack map, or nil when the user has none), load from a snapshot, forget.
-function API.get_contexts(keys_blob)
-  local out = {}
-  local keys = decode(keys_blob)
-  out[1] = spack(">BI4", 0xdd, #keys)
-  for i = 1, #keys do enc(CTX[keys[i]] or false, out) end
+-- Contexts by slot: read (msgpack map, or nil when the slot has none), load from a snapshot, forget.
+function API.get_contexts(slots, n)
+  local out = {spack(">BI4", 0xdd, n)}
+  for i = 1, n do enc(CTX[slots[i]] or false, out) end
   return concat(out)
 end
 -- The same as separate msgpack blobs (one bin element each, false where absent), for snapshots.
-function API.get_context_blobs(keys, n)
+function API.get_context_blobs(slots, n)
   local out = {spack(">BI4", 0xdd, n)}
   for i = 1, n do
-    local c = CTX[keys[i]]
+    local c = CTX[slots[i]]
     if c == nil then out[i + 1] = "\xc2"
     else
       local b = {}
@@ -889,8 +922,8 @@ function API.get_context_blobs(keys, n)
   end
   return concat(out)
 end
-function API.load_context(key, blob) CTX[key] = decode(blob); CTX_SIZE[key] = #blob end
-function API.drop_context(key) CTX[key] = nil; CTX_SIZE[key] = nil end
+function API.load_context(slot, blob) CTX[slot] = decode(blob); CTX_SIZE[slot] = #blob end
+function API.drop_context(slot) CTX[slot] = nil; CTX_SIZE[slot] = nil end
 function API.collect() collectgarbage("collect"); return collectgarbage("count") end
 
 return API

@@ -18,7 +18,7 @@ from playbus.scripting.errors import ScriptCompileError
 
 __all__ = ["BUDGET_ERROR", "MEMORY_ERROR", "STRIDE", "TIME_ERROR", "Sandbox"]
 
-STRIDE = 9  # fields per event in run_batch's flat column table (see driver.lua)
+STRIDE = 7  # fields per event in run_batch's flat column table: id, user, ts, day, data, context slot, rule set
 BUDGET_ERROR = "instruction budget exceeded"
 MEMORY_ERROR = "memory cap exceeded"
 TIME_ERROR = "cpu time limit exceeded"  # backstop for C work no instruction count sees (see driver.lua)
@@ -66,6 +66,10 @@ class Sandbox:
         self._api = self._lua.execute(source, hooks, max_memory_kb, self.max_cpu_ms / 1000, max_context_kb * 1024,
                                       disable_after)
         self._next_handle = 1
+        # Contexts live in Lua under small integers (a slot per user key): cheaper to pass and to look up per
+        # event than the keys, and a dense array in Lua. A dropped key's slot is reused.
+        self._slots: dict[str, int] = {}
+        self._free: list[int] = []
         self._run_batch = self._api.run_batch
         self._table_from = self._lua.table_from
 
@@ -104,9 +108,11 @@ class Sandbox:
     def set_rule_script(self, rule: int, script: int) -> None:
         self._api.set_rule_script(rule, script)
 
-    def define_ruleset(self, rules: list[int]) -> int:
+    def define_ruleset(self, rules: list[int], campaign: str, event_type: str) -> int:
+        """The rules (in order) that events of `event_type` run in `campaign` (what their scripts see as
+        event.campaign and event.type)."""
         h = self._handle()
-        self._api.define_ruleset(h, msgpack.packb(list(rules)))
+        self._api.define_ruleset(h, msgpack.packb(list(rules)), campaign.encode(), event_type.encode())
         return h
 
     # -- running -----------------------------------------------------------------------------------
@@ -125,26 +131,44 @@ class Sandbox:
         return [(r, why) for r, why in msgpack.unpackb(self._api.disabled_rules(), raw=False)]
 
     # -- contexts ----------------------------------------------------------------------------------
+    def slot(self, key: str) -> int:
+        """The slot of a user key's context, given one (empty) if it has none; what run_batch's columns name."""
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = self._free.pop() if self._free else len(self._slots) + 1
+        return slot
+
+    def _slots_of(self, keys: list[str]) -> list[int]:
+        slots = self._slots
+        return [slots.get(k, 0) for k in keys]  # 0: no slot, no context
+
     def get_contexts(self, keys: list[str]) -> list[dict[str, Any] | None]:
         """The contexts of these user keys (None where the user has none in memory)."""
         if not keys:
             return []
-        blob = self._api.get_contexts(msgpack.packb(keys))
+        blob = self._api.get_contexts(self._table_from(self._slots_of(keys)), len(keys))
         return [c if c is not False else None for c in msgpack.unpackb(blob, raw=False, strict_map_key=False)]
 
     def get_context_blobs(self, keys: list[str]) -> list[bytes | None]:
         """The contexts of these user keys as msgpack bytes, for snapshots."""
         if not keys:
             return []
-        blob = self._api.get_context_blobs(self._table_from([k.encode() for k in keys]), len(keys))
+        blob = self._api.get_context_blobs(self._table_from(self._slots_of(keys)), len(keys))
         return [b if b is not False else None for b in msgpack.unpackb(blob, raw=False)]
 
-    def load_context(self, key: str, context: dict[str, Any] | bytes) -> None:
+    def load_context(self, key: str, context: dict[str, Any] | bytes) -> int:
+        """Set a user's context (plain data or msgpack bytes of a map); returns its slot."""
         blob = context if isinstance(context, bytes) else msgpack.packb(context)
-        self._api.load_context(key.encode(), blob)
+        slot = self.slot(key)
+        self._api.load_context(slot, blob)
+        return slot
 
     def drop_context(self, key: str) -> None:
-        self._api.drop_context(key.encode())
+        """Forget a user's context (and its slot)."""
+        slot = self._slots.pop(key, None)
+        if slot is not None:
+            self._api.drop_context(slot)
+            self._free.append(slot)
 
     def memory_kb(self) -> float:
         """Live Lua memory in KiB after a full collection."""

@@ -20,7 +20,7 @@ from playbus.actors.engine.budgets import Budgets, LocalBudgets
 from playbus.actors.engine.caps import CapBook
 from playbus.actors.engine.clock import CampaignClock
 from playbus.actors.engine.decisions import Decision
-from playbus.actors.engine.events import Event, EventIn, Rejected, check_event
+from playbus.actors.engine.events import EventIn, Rejected, check_event
 from playbus.actors.engine.keys import action_id, user_key
 from playbus.actors.engine.state import _DIGEST, _STAMP, DIGEST_SEED, UserState, decode_snapshot, encode_snapshot
 from playbus.config.schema import CampaignConfig, Config, RuleConfig
@@ -42,7 +42,27 @@ def user_keys(events: list[Any]) -> list[str]:
                 out.append(user_key(c, u))
     return out
 
+def _applied_before(events: list[Any], results: list[dict[str, Any]], upto: int,
+                    now_ms: int) -> dict[tuple[str, str], dict[str, Any]]:
+    """(user key, event id) -> result of the events of this batch before `upto` that were applied: where a
+    duplicate of this batch finds its original (built only when a batch has a duplicate)."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for raw, res in zip(events[:upto], results, strict=False):
+        if res is None or res["status"] != "applied":
+            continue
+        if type(raw) is EventIn:
+            campaign, user = raw.campaign, raw.user
+        else:
+            ev = check_event(raw, now_ms)[0]
+            assert ev is not None  # it was applied
+            campaign, user = ev.campaign, ev.user
+        out.setdefault((f"{campaign}\x00{user}", res["id"]), res)
+    return out
+
+
 _new = tuple.__new__
+_NONE: tuple[()] = ()  # no actions, no refusals: one shared empty value (journal entries are never mutated)
+_NO_CHANGES: dict[str, Any] = {}  # likewise, the changes of a run that wrote nothing
 CHUNK_RUNS = 256  # with a time budget, rules run in chunks of about this many runs, the time checked between
 
 
@@ -76,11 +96,14 @@ class _Rule:
 class _RuleSet:
     handle: int
     rules: list[_Rule]
+    size: int
+    type: str
 
 
 @dataclass
 class _Campaign:
     config: CampaignConfig
+    id: str
     id_b: bytes
     starts_ms: int
     ends_ms: int
@@ -129,11 +152,12 @@ class ShardEngine:
             rule = self._build_rule(c, rc, budget_params)
             by_type.setdefault(rc.on, []).append(rule)
         rulesets = {
-            t: _RuleSet(self.sandbox.define_ruleset([r.handle for r in rules]), rules) for t, rules in by_type.items()
+            t: _RuleSet(self.sandbox.define_ruleset([r.handle for r in rules], c.id, t), rules, len(rules), t)
+            for t, rules in by_type.items()
         }
         clock = CampaignClock(c.timezone)
         return _Campaign(
-            config=c, id_b=c.id.encode(), starts_ms=c.starts_ms, ends_ms=c.ends_ms,
+            config=c, id=c.id, id_b=c.id.encode(), starts_ms=c.starts_ms, ends_ms=c.ends_ms,
             clock=clock, caps=CapBook(c.caps), budgets=budgets, rulesets=rulesets, offsets=clock.offsets,
         )
 
@@ -173,40 +197,49 @@ class ShardEngine:
         the events behind them instead of failing them. Which events are deferred never changes a decision."""
         results: list[dict[str, Any]] = [None] * len(events)  # type: ignore[list-item]
         outcome = BatchOutcome(results)
-        users, campaigns, window, dirty = self.users, self.campaigns, self.window, self.dirty
-        type_b = self._type_b
+        users, campaigns, window = self.users, self.campaigns, self.window
         cols: list[Any] = []
-        work: list[tuple[int, Event, UserState, int, _Campaign, _RuleSet]] = []
+        work: list[tuple[Any, ...]] = []
         runs = 0
-        add_dirty, add_work, span = dirty.add, work.append, _DIGEST * window
+        add_dirty, add_work, span = self.dirty.add, work.append, _DIGEST * window
         now_s = now_ms // 1000
         stamp = (now_s & 0xFFFFFFFF).to_bytes(_STAMP, "little")
         cutoff_s, most = now_s - self.horizon_s, self.max_ids
-        first_seen: dict[tuple[str, bytes], dict[str, Any]] = {}  # this batch's applied events, for duplicates
+        firsts: dict[tuple[str, str], dict[str, Any]] | None = None  # built at the batch's first duplicate
         deadline = time.perf_counter() + max_seconds if max_seconds is not None else None
         for idx, raw in enumerate(events):
-            ev, reason = check_event(raw, now_ms)
-            if ev is None:
-                rid = raw.get("id") if type(raw) is dict else raw.id if type(raw) is Rejected else None
-                results[idx] = {"id": rid if type(rid) is str else None, "status": "rejected",
-                                "actions": [], "errors": [reason]}
-                continue
-            eid, campaign, user, etype, ts, blob = ev  # locals: NamedTuple attribute reads cost ~30 ns each
+            # The per-event loop: every line here costs on every event (attribute reads of locals, no calls
+            # that could be avoided; keys.user_key and state.event_digest are inlined).
+            blob: bytes | bool | None
+            if type(raw) is EventIn:
+                eid, campaign, user, etype, ts, blob = raw.id, raw.campaign, raw.user, raw.type, raw.ts, None
+                if ts is None:
+                    ts = now_ms
+            else:
+                ev, reason = check_event(raw, now_ms)
+                if ev is None:
+                    rid = raw.get("id") if type(raw) is dict else raw.id if type(raw) is Rejected else None
+                    results[idx] = {"id": rid if type(rid) is str else None, "status": "rejected",
+                                    "actions": [], "errors": [reason]}
+                    continue
+                eid, campaign, user, etype, ts, blob = ev
             camp = campaigns.get(campaign)
             if camp is None:
                 results[idx] = {"id": eid, "status": "rejected", "actions": [],
                                 "errors": [f"campaign: unknown campaign {campaign!r}"]}
                 continue
-            key = f"{campaign}\x00{user}"  # = keys.user_key, inlined in the per-event loop
+            key = f"{campaign}\x00{user}"
             st = users.get(key)
             if st is None:
-                st = users[key] = UserState()
+                st = users[key] = UserState(slot=self.sandbox.slot(key))
             id_b = eid.encode()
-            digest = (crc32(id_b) | crc32(id_b, DIGEST_SEED) << 32).to_bytes(8, "little")  # = event_digest(eid)
+            digest = (crc32(id_b) | crc32(id_b, DIGEST_SEED) << 32).to_bytes(8, "little")
             seen = st.seen
             if digest in seen and st.has_seen(digest):
                 dup = results[idx] = {"id": eid, "status": "duplicate", "actions": [], "errors": []}
-                original = first_seen.get((key, digest))
+                if firsts is None:
+                    firsts = _applied_before(events, results, idx, now_ms)
+                original = firsts.get((key, eid))
                 if original is not None:
                     outcome.same_batch.append((dup, original))
                 else:
@@ -218,7 +251,8 @@ class ShardEngine:
                 st.forget_old(window, cutoff_s, most)
             add_dirty(key)
             res = results[idx] = {"id": eid, "status": "applied", "actions": [], "errors": []}
-            first_seen[(key, digest)] = res
+            if firsts is not None:
+                firsts[(key, eid)] = res
             if not camp.starts_ms <= ts < camp.ends_ms:
                 continue
             rs = camp.rulesets.get(etype)
@@ -226,12 +260,12 @@ class ShardEngine:
                 continue
             off = camp.offsets.get(ts // 900_000)
             day = (ts + off) // 86_400_000 if off is not None else camp.clock.day(ts)  # = clock.day(ts)
-            tb = type_b.get(etype)
-            if tb is None:
-                tb = type_b[etype] = etype.encode()
-            cols += (id_b, tb, user.encode(), camp.id_b, ts, day, blob, key.encode(), rs.handle)
-            add_work((idx, ev, st, day, camp, rs))
-            runs += len(rs.rules)
+            if blob is None:  # an EventIn's data, as it arrived
+                wire = bytes(raw.data)  # b"", b"\xc0" (nil) or b"\x80" (an empty map): no data
+                blob = wire if len(wire) > 1 else False
+            cols += (id_b, user.encode(), ts, day, blob, st.slot, rs.handle)
+            add_work((idx, eid, user, ts, st, day, camp, rs, blob))
+            runs += rs.size
             if deadline is not None and runs >= CHUNK_RUNS:
                 self._apply(work, self.sandbox.run_batch(cols, len(work), runs), outcome)
                 cols, work, runs = [], [], 0
@@ -249,40 +283,45 @@ class ShardEngine:
     def _apply(self, work: list[Any], records: list[list[Any]], out: BatchOutcome) -> None:
         """Turn the rule runs' records into actions (through caps and budgets) and journal entries."""
         ri = 0
-        journal, actions, failed, results = out.journal, out.actions, out.failed, out.results
-        for idx, ev, st, day, camp, rs in work:
-            res = results[idx]
-            eid, campaign, user, _, ts, _ = ev
+        add_decision = out.journal.append
+        for idx, eid, user, ts, st, day, camp, rs, blob in work:
+            cid = camp.id
             for rule in rs.rules:
                 err, changes, emits = records[ri]
                 ri += 1
+                if err is None and emits is None:  # the common run: writes (or none), nothing proposed
+                    add_decision(_new(Decision, (cid, user, eid, ts, rule.id, rule.version, _NONE,
+                                                 _NO_CHANGES if changes is None else changes, None, _NONE)))
+                    continue
+                res = out.results[idx]
                 granted: list[dict[str, Any]] = []
                 refused: list[dict[str, Any]] = []
                 if err is not None:
                     res["errors"].append(f"rule {rule.id}: {err}")
-                    failed.append(self._failed_entry(ev, rule, err))
-                elif emits:
+                    out.failed.append(self._failed_entry(eid, cid, user, rs.type, ts, blob, rule, err))
+                else:
                     for n, (atype, params) in enumerate(emits):
                         reason = self._admit(camp, st, atype, params, day)
                         if reason:
                             refused.append({"type": atype, "params": params, "reason": reason})
                         else:
                             granted.append({
-                                "id": action_id(campaign, user, eid, rule.id, n), "type": atype,
-                                "campaign": campaign, "user": user, "params": params, "cause": eid,
+                                "id": action_id(cid, user, eid, rule.id, n), "type": atype,
+                                "campaign": cid, "user": user, "params": params, "cause": eid,
                                 "rule": rule.id, "script_version": rule.version,
                             })
                     if granted:
                         res["actions"].extend(granted)
-                        actions.extend(granted)
-                journal.append(_new(Decision, (campaign, user, eid, ts, rule.id, rule.version, granted,
-                                               changes if changes is not None else {}, err, refused)))
+                        out.actions.extend(granted)
+                add_decision(_new(Decision, (cid, user, eid, ts, rule.id, rule.version, granted,
+                                             changes if changes is not None else {}, err, refused)))
 
     @staticmethod
-    def _failed_entry(ev: Event, rule: _Rule, err: str) -> dict[str, Any]:
-        event: dict[str, Any] = {"id": ev.id, "campaign": ev.campaign, "user": ev.user, "type": ev.type, "ts": ev.ts}
-        if ev.blob:
-            event["data"] = msgpack.unpackb(ev.blob, raw=False, strict_map_key=False)
+    def _failed_entry(eid: str, campaign: str, user: str, etype: str, ts: int, blob: bytes | bool, rule: _Rule,
+                      err: str) -> dict[str, Any]:
+        event: dict[str, Any] = {"id": eid, "campaign": campaign, "user": user, "type": etype, "ts": ts}
+        if blob:
+            event["data"] = msgpack.unpackb(blob, raw=False, strict_map_key=False)
         return {"event": event, "rule": rule.id, "script_version": rule.version, "error": err}
 
     def _admit(self, camp: _Campaign, st: UserState, atype: str, params: dict[str, Any], day: int) -> str:
@@ -337,18 +376,19 @@ class ShardEngine:
     def restore(self, key: str, blob: bytes | None) -> None:
         """Load a user's state from a snapshot (None: a new user with empty state)."""
         if blob is None:
-            self.users[key] = UserState()
             self.sandbox.drop_context(key)
+            self.users[key] = UserState(slot=self.sandbox.slot(key))
             return
         state, context = decode_snapshot(blob)
         if state.caps and any(type(k) is int for k in state.caps):  # a version 1 snapshot: caps by position
             camp = self.campaigns.get(key.partition("\x00")[0])
             state.caps = camp.caps.migrate(state.caps) if camp is not None else None
-        self.users[key] = state
         if context is None:
             self.sandbox.drop_context(key)
+            state.slot = self.sandbox.slot(key)
         else:
-            self.sandbox.load_context(key, context)
+            state.slot = self.sandbox.load_context(key, context)
+        self.users[key] = state
 
     def evict(self, key: str) -> None:
         """Forget a user's in-memory state (it must have been snapshotted first)."""

@@ -31,14 +31,16 @@ def event_digest(event_id: str) -> bytes:
 
 class UserState:
     """The dedup memory (event id digests, oldest first, with the second each was received) and the cap counters
-    ({cap id: {period: count}}) of one (campaign, user)."""
+    ({cap id: {period: count}}) of one (campaign, user); `slot`: where the sandbox keeps its context."""
 
-    __slots__ = ("caps", "seen", "stamps")
+    __slots__ = ("caps", "seen", "slot", "stamps")
 
-    def __init__(self, seen: bytes = b"", stamps: bytes = b"", caps: dict[Any, dict[int, int]] | None = None) -> None:
+    def __init__(self, seen: bytes = b"", stamps: bytes = b"", caps: dict[Any, dict[int, int]] | None = None,
+                 slot: int = 0) -> None:
         self.seen = seen
         self.stamps = stamps
         self.caps = caps
+        self.slot = slot
 
     def has_seen(self, digest: bytes) -> bool:
         seen = self.seen

@@ -252,6 +252,22 @@ def test_snapshot_restore_roundtrip_keeps_context_dedup_and_caps(tmp_path: Path)
     assert b.context("c1", "u1") == {"n": 3}
 
 
+def test_evicted_users_slots_are_reused_without_leaking_contexts(tmp_path: Path) -> None:
+    """Contexts live in sandbox slots that evicted users give back: a user taking a freed slot starts empty (or
+    from its snapshot), and nobody else's context moves."""
+    eng = make_engine(tmp_path, {"always": ALWAYS}, [R_ALWAYS])
+    eng.process([ev(i, user=f"u{i}") for i in range(6)], T0)
+    snap = eng.snapshot()
+    for i in (1, 3, 4):
+        eng.evict(f"c1\x00u{i}")
+    eng.process([ev(10, user="new1"), ev(11, user="new2"), ev(12, user="u0")], T0)
+    eng.restore("c1\x00u3", snap["c1\x00u3"])  # back from its snapshot, into whichever slot is free
+    eng.process([ev(13, user="u3"), ev(14, user="new3"), ev(15, user="new4")], T0)
+    assert [eng.context("c1", u) for u in ("u0", "u2", "u5", "u3", "new1", "new2", "new3", "new4", "u1")] == [
+        {"n": 2}, {"n": 1}, {"n": 1}, {"n": 2}, {"n": 1}, {"n": 1}, {"n": 1}, {"n": 1}, {}]
+    assert len({st.slot for st in eng.users.values()}) == len(eng.users) == 8
+
+
 def test_hot_reload_switches_script_version(first: ShardEngine) -> None:
     v2 = first.put_script("first", 'function decide(e, ctx) ctx:set("v", 2) end')
     assert v2 == 2

@@ -40,7 +40,7 @@ class Box:
         for i, source in enumerate(sources, 1):
             handle = self.sb.compile(name, source)
             rules.append(self.sb.define_rule(f"r{i}", handle, list(emits), {}))
-        rs = self.sb.define_ruleset(rules)
+        rs = self.sb.define_ruleset(rules, "c1", "quiz")
         self.sizes[rs] = len(rules)
         return rs
 
@@ -51,7 +51,7 @@ class Box:
         """Run one event through the rule set; one record per rule, within `max_seconds`."""
         self._events += 1
         blob = msgpack.packb(data) if data is not None else False
-        cols = [eid or b"e%d" % self._events, b"quiz", user, b"c1", ts, day, blob, b"c1\x00" + user, rs]
+        cols = [eid or b"e%d" % self._events, user, ts, day, blob, self.sb.slot("c1\x00" + user.decode()), rs]
         assert len(cols) == STRIDE
         started = time.perf_counter()
         records = self.sb.run_batch(cols, 1, self.sizes[rs])
@@ -500,7 +500,7 @@ def test_huge_context_values_are_refused() -> None:
     n = 40
     cols: list[Any] = []
     for i in range(n):
-        cols += [b"big%d" % i, b"quiz", b"big%d" % i, b"c1", TS, DAY, False, b"c1\x00big%d" % i, rs]
+        cols += [b"big%d" % i, b"big%d" % i, TS, DAY, False, box.sb.slot(f"c1\x00big{i}"), rs]
     errors = [rec[0] for rec in box.sb.run_batch(cols, n, n)]
     assert errors == [None] * n
     contexts = box.sb.get_contexts([f"c1\x00big{i}" for i in range(n)])

@@ -49,7 +49,7 @@ def run_events(box: Box, rs: int, n: int, user_prefix: bytes = b"u") -> list[lis
     cols: list[Any] = []
     for i in range(n):
         user = user_prefix + b"%d" % i
-        cols += [b"e%d" % i, b"quiz", user, b"c1", TS, DAY, False, b"c1\x00" + user, rs]
+        cols += [b"e%d" % i, user, TS, DAY, False, box.sb.slot("c1\x00" + user.decode()), rs]
     return box.sb.run_batch(cols, n, n * box.sizes[rs])
 
 
@@ -103,7 +103,7 @@ def test_a_rule_that_keeps_failing_its_budget_is_disabled_until_a_new_version() 
     box.sb = type(box.sb)(10_000, 16_384, disable_after=3)
     loop = box.sb.compile("loop", "function decide(e, ctx) while true do end end")
     rule = box.sb.define_rule("looper", loop, [], {})
-    rs = box.sb.define_ruleset([rule])
+    rs = box.sb.define_ruleset([rule], "c1", "quiz")
     box.sizes[rs] = 1
     errors = [r[0] for r in run_events(box, rs, 5)]
     assert errors[:3] == ["instruction budget exceeded"] * 3
@@ -120,11 +120,12 @@ def test_a_user_s_context_is_capped_and_a_run_that_would_pass_the_cap_fails_alon
     box.sb = type(box.sb)(200_000, 16_384, max_context_kb=16)
     grow = box.sb.compile("grow", 'function decide(e, ctx) ctx:set("k" .. e.id, ("z"):rep(3000)) end')
     count = box.sb.compile("count", 'function decide(e, ctx) ctx:incr("n", 1) end')
-    rs = box.sb.define_ruleset([box.sb.define_rule("grow", grow, [], {}), box.sb.define_rule("count", count, [], {})])
+    rs = box.sb.define_ruleset([box.sb.define_rule("grow", grow, [], {}), box.sb.define_rule("count", count, [], {})],
+                                 "c1", "quiz")
     box.sizes[rs] = 2
     cols: list[Any] = []
     for i in range(8):
-        cols += [b"%d" % i, b"quiz", b"u1", b"c1", TS, DAY, False, b"c1\x00u1", rs]
+        cols += [b"%d" % i, b"u1", TS, DAY, False, box.sb.slot("c1\x00u1"), rs]
     records = box.sb.run_batch(cols, 8, 16)
     grows, counts = records[0::2], records[1::2]
     assert [r[0] is None for r in grows] == [True] * 5 + [False] * 3
@@ -170,3 +171,27 @@ def test_activating_the_version_a_disabled_rule_already_runs_keeps_it_disabled(t
     eng.activate("loop", 2)
     assert eng.sandbox.disabled_rules() == []
     assert eng.process([ev(9)], T0).results[0]["errors"] == []
+
+
+def test_writes_a_script_caught_errors_around_are_recorded_exactly_and_never_leak_into_the_next_run() -> None:
+    """A run's writes sit in an overlay that the next run reuses: what a caught error refused is not in it, and
+    what a failed run wrote is gone before the next run starts (in the same batch, for another user)."""
+    box = Box()
+    rs = box.ruleset(
+        # 300 writes, the last 44 refused (256 keys per run) with the error caught: the 256 land.
+        'function decide(e, ctx) if e.user == "many" then for i = 1, 300 do pcall(ctx.set, ctx, "k" .. i, i) end end '
+        # A refused incr of a string, caught: only the set lands.
+        'if e.user == "caught" then ctx:set("s", "x"); pcall(ctx.incr, ctx, "s", 1) end '
+        # Writes, then fails: nothing lands.
+        'if e.user == "fails" then ctx:set("a", 1); ctx:incr("b", 1); error("boom") end '
+        # Writes once, after the failed run, in the same batch.
+        'if e.user == "after" then ctx:set("c", 3) end end')
+    cols: list[Any] = []
+    for i, user in enumerate((b"many", b"caught", b"fails", b"after")):
+        cols += [b"x%d" % i, user, TS, DAY, False, box.sb.slot("c1\x00" + user.decode()), rs]
+    many, caught, fails, after = box.sb.run_batch(cols, 4, 4)
+    assert many[0] is None and many[1] == {f"k{i}": i for i in range(1, 257)}
+    assert caught == [None, {"s": "x"}, None]
+    assert fails[0].endswith("boom") and fails[1] is None
+    assert after == [None, {"c": 3}, None]
+    assert box.sb.get_contexts(["c1\x00fails", "c1\x00after", "c1\x00caught"]) == [{}, {"c": 3}, {"s": "x"}]
