@@ -1,14 +1,25 @@
-"""Cluster benchmark (issue: the cluster): real Ray actors, a real redis-server, durable commits.
+"""Cluster benchmark: every input path of a running playbus, each beside the baseline, in one run.
 
-    python -m playbus.loadtest.bench_cluster [--events N] [--users N] [--shards N] [--only NAME ...]
+    python -m playbus.loadtest.bench_cluster [--quick] [--users N] [--rounds N] [--json FILE]
 
-Side by side in one run, as events/s and ratios:
-  actor-per-event   baseline: one Ray actor call per event (pipelined, a no-op method)
-  redis-lua         baseline: the same decision as a Redis Lua script, EVALSHA per event, pipelined
-  shards            driver -> UserActivityActor shards in batches of 500, durable commit before the answer
-  http              POST /v1/events through Ray Serve, 500 events a request, several clients
-  stream            XADD playbus:in, the stream reader feeds the shards
-with p50/p99 of the shards' commit and of an HTTP request.
+It starts the whole system in this process as run_cluster does (Ray, 2 shards reading their partitions, the
+input router, delivery, the Serve ingress, an embedded redis-server with AOF), with one campaign whose rule is
+"the first quiz answer of a user grants a lottery chance" (an action on a Redis stream target).
+
+The baseline is what a team would otherwise write: the same decision as a Redis Lua script, EVALSHA per event,
+pipelined 1,000 per round trip, from this process, against the same Redis (dedup set, counter, action stream).
+This machine's speed drifts by tens of percent within a minute, so every measurement is a few rounds, each a
+baseline run right before a path run, and a path's ratio is the median of its rounds' ratios.
+
+Paths (events/s from the first event sent to the last one committed, with its action on the target stream):
+  shards      driver -> UserActivityActor.process (Ray calls, batches of B events, 4 in flight per shard)
+  stream      StreamProducer: record batches of B events into the input partitions, read by their shards
+  stream-in   XADD playbus:in, one event an entry (what a simple producer does), routed into the partitions
+  http        POST /v1/events through Ray Serve, B events a request (msgpack), 4 clients
+  http-1      one event a request at a fixed rate (open loop): latency percentiles
+  serve-noop  requests the ingress answers without a shard (Serve's own cost per request on this machine)
+  actor-call  a second baseline: one Ray actor call per event (a no-op method)
+with the CPU each process group spends per event (cpu.py).
 """
 
 from __future__ import annotations
@@ -17,28 +28,43 @@ import argparse
 import asyncio
 import json
 import logging
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
-from playbus.loadtest.bench_engine import CONFIG as BENCH_CONFIG
-from playbus.loadtest.bench_engine import FIRST_QUIZ as RULE
-from playbus.loadtest.bench_engine import T0
+from playbus.loadtest.cpu import CpuMeter
 from playbus.loadtest.stats import percentile
 
-RULE_LINE = ("      - {id: first_quiz_lottery, on: quiz.answered, script: first_quiz_lottery.lua, "
-             "emits: [lottery.grant_chance]}")
+__all__ = ["BENCH_CONFIG", "ClusterBench", "PathResult", "main"]
 
-
-def config_text(shards: int) -> str:
-    """bench_engine's campaign with the one first-quiz rule, and this benchmark's shards and batch size."""
-    return (f"shards: {shards}\nkey_groups: 128\nbatch: {{max_events: 500, max_wait_ms: 2}}\n"
-            + BENCH_CONFIG.replace("RULES", RULE_LINE))
-
-
+T0 = 1769000000000  # 2026-01-21, inside the campaign window
+FIRST_QUIZ = """
+function decide(event, ctx)
+  local n = ctx:incr("quiz.answered", 1)
+  if n == 1 then emit("lottery.grant_chance", {chances = 1}) end
+end
+"""
+BENCH_CONFIG = """
+shards: {shards}
+key_groups: 128
+batch: {{max_events: 500, max_wait_ms: 2}}
+targets:
+  lottery: {{stream: "playbus:actions:lottery"}}
+campaigns:
+  - id: spring2026
+    timezone: Asia/Shanghai
+    starts: 2026-01-20T00:00:00+08:00
+    ends: 2026-02-20T00:00:00+08:00
+    rules:
+      - {{id: first_quiz_lottery, on: quiz.answered, script: first_quiz_lottery.lua, emits: [lottery.grant_chance]}}
+"""
+# The baseline: dedup by id, count, emit on the first answer; EVALSHA per event.
 REDIS_DECISION = """
 if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
 local n = redis.call('HINCRBY', KEYS[2], 'quiz.answered', 1)
@@ -47,18 +73,24 @@ return 1
 """
 
 
-def _cpu(r: Any, shards: list[Any]) -> dict[str, float]:
-    """CPU seconds so far of the driver, the shard processes and redis-server."""
-    import ray
+@dataclass
+class PathResult:
+    """One path at one parameter (batch size, events per request): its rounds and what they add up to."""
 
-    info = r.info("cpu")
-    return {"driver": time.process_time(), "shards": sum(ray.get([s.cpu_seconds.remote() for s in shards])),
-            "redis": info["used_cpu_user"] + info["used_cpu_sys"]}
+    path: str
+    param: int
+    events_per_s: float  # median over rounds
+    baseline_events_per_s: float  # median of the baseline runs right before each round
+    ratio: float  # median of the rounds' path / baseline
+    rounds: list[dict[str, float]] = field(default_factory=list)
+    cpu_us_per_event: dict[str, float] = field(default_factory=dict)
+    latency_ms: dict[str, float] = field(default_factory=dict)
 
 
-def _events(n: int, users: int, prefix: str) -> list[dict[str, Any]]:
+def events(n: int, users: int, prefix: str) -> list[dict[str, Any]]:
+    """n quiz answers of `users` users, ids unique by `prefix`."""
     return [{"id": f"{prefix}{i}", "campaign": "spring2026", "user": f"u{i % users}", "type": "quiz.answered",
-             "ts": T0 + i, "data": {"correct": True}} for i in range(n)]
+             "ts": T0 + i, "data": {"correct": i % 3 == 0}} for i in range(n)]
 
 
 class _Echo:
@@ -66,186 +98,315 @@ class _Echo:
         return x
 
 
-def bench_actor_per_event(n: int) -> float:
-    import ray
+class ClusterBench:
+    """A whole playbus started in this process, and the paths and baselines measured against it."""
 
-    echo: Any = ray.remote(num_cpus=0)(_Echo)
-    actors = [echo.remote(), echo.remote()]
-    ray.get([a.call.remote(b"") for a in actors])
-    payload = msgpack.packb(_events(1, 1, "x")[0])
-    t = time.perf_counter()
-    refs = [actors[i % 2].call.remote(payload) for i in range(n)]
-    ray.get(refs)
-    return n / (time.perf_counter() - t)
+    def __init__(self, workdir: Path, shards: int = 2, users: int = 10_000, rounds: int = 3,
+                 progress: Callable[[str], None] = print) -> None:
+        self.workdir = workdir
+        self.shards_n = shards
+        self.users = users
+        self.rounds = rounds
+        self.say = progress
+        self._seq = 0
+        self.cluster: Any = None
 
+    # -- set-up ------------------------------------------------------------------------------------
+    def __enter__(self) -> ClusterBench:
+        from playbus.actors.edge.cluster import Cluster
+        from playbus.loadtest.launcher import free_port
 
-def bench_redis_lua(url: str, n: int, users: int) -> float:
-    import redis
+        (self.workdir / "first_quiz_lottery.lua").write_text(FIRST_QUIZ)
+        config = self.workdir / "bench.yaml"
+        config.write_text(BENCH_CONFIG.format(shards=self.shards_n))
+        self.port = free_port()
+        args = argparse.Namespace(config=str(config), port=self.port, host="127.0.0.1", redis=None,
+                                  redis_dir=str(self.workdir / "redis"), address=None, shards=None,
+                                  log_level="WARNING")
+        self.cluster = Cluster(args)
+        self.url = self.cluster.start()
+        import redis
 
-    r = redis.Redis.from_url(url)
-    script = r.register_script(REDIS_DECISION)
-    script(keys=["b:seen:x", "b:ctx:x", "b:out"], args=["warm", "{}"])
-    sha = script.sha
-    action = json.dumps({"type": "lottery.grant_chance", "params": {"chances": 1}})
-    t = time.perf_counter()
-    for start in range(0, n, 1000):
-        pipe = r.pipeline(transaction=False)
-        for i in range(start, min(n, start + 1000)):
-            u = f"u{i % users}"
-            pipe.evalsha(sha, 3, f"b:seen:{u}", f"b:ctx:{u}", "b:out", f"r{i}", action)
-        pipe.execute()
-    return n / (time.perf_counter() - t)
+        self.redis_url = self.cluster.redis_server.url
+        self.r = redis.Redis.from_url(self.redis_url)
+        self.shards = self.cluster.shards
+        self.meter = CpuMeter([self.cluster.redis_server.proc.pid])
+        self._lua = self.r.register_script(REDIS_DECISION)
+        self._lua(keys=["b:seen:x", "b:ctx:x", "b:out"], args=["warm", "{}"])
+        self.say(f"warming up: {self.users:,} users through every path")
+        self.run_shards(events(self.users, self.users, "warm-s"), 500)
+        self.run_stream(events(self.users, self.users, "warm-p"), 500)
+        self._http(events(2000, self.users, "warm-h"), 500, 2)
+        self.baseline(5000)
+        return self
 
+    def __exit__(self, *exc: object) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
 
-async def _drive_shards(shards: list[Any], router: Any, events: list[dict[str, Any]], batch: int,
-                        inflight: int) -> tuple[float, list[float]]:
-    sem = asyncio.Semaphore(inflight)
-    lat: list[float] = []
+    def _prefix(self, tag: str) -> str:
+        self._seq += 1
+        return f"{tag}{self._seq}-"
 
-    async def one(chunk: list[dict[str, Any]]) -> None:
-        async with sem:
-            t = time.perf_counter()
-            parts = router.split(chunk)
-            replies = await asyncio.gather(*(shards[s].process.remote(msgpack.packb(evs))
-                                             for s, (_, evs) in parts.items()))
-            for r in replies:
-                assert all(x["status"] == "applied" for x in msgpack.unpackb(r, raw=False))
-            lat.append((time.perf_counter() - t) * 1000)
+    def committed(self) -> int:
+        import ray
 
-    t = time.perf_counter()
-    await asyncio.gather(*(one(events[i:i + batch]) for i in range(0, len(events), batch)))
-    return len(events) / (time.perf_counter() - t), lat
+        return sum(s["events"] for s in ray.get([x.stats.remote() for x in self.shards]))
 
+    def _wait_committed(self, target: int, timeout_s: float = 300) -> None:
+        end = time.monotonic() + timeout_s
+        while self.committed() < target:
+            if time.monotonic() > end:
+                raise TimeoutError(f"events not committed after {timeout_s:.0f} s")
+            time.sleep(0.005)
 
-async def _drive_http(url: str, events: list[dict[str, Any]], per_request: int, clients: int
-                      ) -> tuple[float, list[float]]:
-    import aiohttp
-
-    chunks = [msgpack.packb(events[i:i + per_request]) for i in range(0, len(events), per_request)]
-    lat: list[float] = []
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
-    for c in chunks:
-        queue.put_nowait(c)
-
-    async def client(session: aiohttp.ClientSession) -> None:
-        while not queue.empty():
-            body = queue.get_nowait()
-            t = time.perf_counter()
-            async with session.post(url + "/v1/events", data=body,
-                                    headers={"content-type": "application/msgpack"}) as resp:
-                doc = await resp.json()
-                assert resp.status == 200, doc
-            lat.append((time.perf_counter() - t) * 1000)
-
-    async with aiohttp.ClientSession() as session:
+    # -- the baselines -----------------------------------------------------------------------------
+    def baseline(self, n: int) -> float:
+        """The Redis Lua decision, EVALSHA per event, pipelined 1,000 per round trip: events/s."""
+        sha = self._lua.sha
+        action = json.dumps({"type": "lottery.grant_chance", "params": {"chances": 1}})
+        prefix = self._prefix("b")
+        users = self.users
         t = time.perf_counter()
-        await asyncio.gather(*(client(session) for _ in range(clients)))
-        return len(events) / (time.perf_counter() - t), lat
+        for start in range(0, n, 1000):
+            pipe = self.r.pipeline(transaction=False)
+            for i in range(start, min(n, start + 1000)):
+                u = f"u{i % users}"
+                pipe.evalsha(sha, 3, f"b:seen:{u}", f"b:ctx:{u}", "b:out", f"{prefix}{i}", action)
+            pipe.execute()
+        return n / (time.perf_counter() - t)
+
+    def actor_per_event(self, n: int) -> float:
+        """One Ray actor call per event (a no-op method, two actors, all calls in flight): events/s."""
+        import ray
+
+        echo: Any = ray.remote(num_cpus=0)(_Echo)
+        actors = [echo.remote(), echo.remote()]
+        ray.get([a.call.remote(b"") for a in actors])
+        payload = msgpack.packb(events(1, 1, "x")[0])
+        t = time.perf_counter()
+        ray.get([actors[i % 2].call.remote(payload) for i in range(n)])
+        eps = n / (time.perf_counter() - t)
+        for a in actors:
+            ray.kill(a)
+        return eps
+
+    # -- the paths ---------------------------------------------------------------------------------
+    def run_shards(self, evs: list[dict[str, Any]], batch: int, inflight: int = 4) -> tuple[float, list[float]]:
+        """Driver -> shards: batches of `batch` events, routed by key group, `inflight` per shard."""
+        from playbus.actors.service.router import Router
+
+        router = Router(self.shards_n, 128)
+        sem = asyncio.Semaphore(inflight * self.shards_n)
+        lat: list[float] = []
+        shards = self.shards
+
+        async def one(chunk: list[dict[str, Any]]) -> None:
+            async with sem:
+                t = time.perf_counter()
+                parts = router.split(chunk)
+                replies = await asyncio.gather(*(shards[s].process.remote(msgpack.packb(es))
+                                                 for s, (_, es) in parts.items()))
+                for r in replies:
+                    if not all(x["status"] == "applied" for x in msgpack.unpackb(r, raw=False)):
+                        raise AssertionError("an event of the benchmark was not applied")
+                lat.append((time.perf_counter() - t) * 1000)
+
+        async def drive() -> float:
+            t = time.perf_counter()
+            await asyncio.gather(*(one(evs[i:i + batch]) for i in range(0, len(evs), batch)))
+            return len(evs) / (time.perf_counter() - t)
+
+        return asyncio.run(drive()), lat
+
+    def run_stream(self, evs: list[dict[str, Any]], batch: int) -> float:
+        """StreamProducer record batches of `batch` events into the partitions; added -> committed."""
+        from playbus.client import StreamProducer
+
+        producer = StreamProducer(self.r, key_groups=128, batch=batch)
+        target = self.committed() + len(evs)
+        t = time.perf_counter()
+        producer.send_many(evs)
+        self._wait_committed(target)
+        return len(evs) / (time.perf_counter() - t)
+
+    def run_stream_in(self, evs: list[dict[str, Any]]) -> float:
+        """XADD playbus:in, one msgpack event an entry, pipelined 1,000 per round trip; added -> committed."""
+        target = self.committed() + len(evs)
+        t = time.perf_counter()
+        for start in range(0, len(evs), 1000):
+            pipe = self.r.pipeline(transaction=False)
+            for e in evs[start:start + 1000]:
+                pipe.xadd("playbus:in", {"event": msgpack.packb(e)})
+            pipe.execute()
+        self._wait_committed(target)
+        return len(evs) / (time.perf_counter() - t)
+
+    def _http(self, evs: list[dict[str, Any]], per_request: int, clients: int,
+              path: str = "/v1/events") -> tuple[float, list[float]]:
+        import aiohttp
+
+        bodies = [msgpack.packb(evs[i:i + per_request]) for i in range(0, len(evs), per_request)]
+        lat: list[float] = []
+        url = self.url + path
+
+        async def client(session: aiohttp.ClientSession, queue: list[bytes]) -> None:
+            while queue:
+                body = queue.pop()
+                t = time.perf_counter()
+                async with session.post(url, data=body, headers={"content-type": "application/msgpack"}) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise AssertionError(f"POST {path}: {resp.status}")
+                lat.append((time.perf_counter() - t) * 1000)
+
+        async def drive() -> float:
+            queue = list(reversed(bodies))
+            async with aiohttp.ClientSession() as session:
+                t = time.perf_counter()
+                await asyncio.gather(*(client(session, queue) for _ in range(clients)))
+                return len(evs) / (time.perf_counter() - t)
+
+        return asyncio.run(drive()), lat
+
+    def http_single(self, rate: float, seconds: float) -> dict[str, float]:
+        """One JSON event a request at `rate` requests/s for `seconds` (open loop: requests leave on schedule,
+        whatever the answers): latency percentiles."""
+        import aiohttp
+
+        n = int(rate * seconds)
+        evs = events(n, self.users, self._prefix("one"))
+        bodies = [json.dumps(e).encode() for e in evs]
+        lat: list[float] = []
+        url = self.url + "/v1/events"
+
+        async def one(session: aiohttp.ClientSession, body: bytes, at: float) -> None:
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            t = time.perf_counter()
+            async with session.post(url, data=body, headers={"content-type": "application/json"}) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise AssertionError(f"POST /v1/events: {resp.status}")
+            lat.append((time.perf_counter() - t) * 1000)
+
+        async def drive() -> None:
+            async with aiohttp.ClientSession() as session:
+                start = time.perf_counter() + 0.1
+                await asyncio.gather(*(one(session, b, start + i / rate) for i, b in enumerate(bodies)))
+
+        asyncio.run(drive())
+        return {"requests": n, "rate": rate, "p50": percentile(lat, 0.5), "p90": percentile(lat, 0.9),
+                "p99": percentile(lat, 0.99), "max": max(lat)}
+
+    def serve_noop(self, requests: int, clients: int) -> dict[str, float]:
+        """Serve's own cost per request: a request the ingress answers without a shard (an unknown path, 404),
+        on the same road as the events (the ingress replica's own HTTP server): requests/s and latency."""
+        import aiohttp
+
+        lat: list[float] = []
+        url = self.url + "/v1/bench-noop"
+
+        async def client(session: aiohttp.ClientSession, left: list[int]) -> None:
+            while left:
+                left.pop()
+                t = time.perf_counter()
+                async with session.post(url, data=b"{}") as resp:
+                    await resp.read()
+                    if resp.status != 404:
+                        raise AssertionError(f"POST /v1/bench-noop: {resp.status}")
+                lat.append((time.perf_counter() - t) * 1000)
+
+        async def drive(n: int) -> float:
+            left = list(range(n))
+            async with aiohttp.ClientSession() as session:
+                t = time.perf_counter()
+                await asyncio.gather(*(client(session, left) for _ in range(clients)))
+                return n / (time.perf_counter() - t)
+
+        asyncio.run(drive(200))
+        lat.clear()
+        rps = asyncio.run(drive(requests))
+        return {"requests_per_s": rps, "p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99)}
+
+    # -- rounds ------------------------------------------------------------------------------------
+    def measure(self, path: str, param: int, n: int, run: Callable[[list[dict[str, Any]]], Any],
+                baseline_n: int) -> PathResult:
+        """`rounds` times: the baseline, then the path on `n` fresh events; medians and CPU per event."""
+        rounds: list[dict[str, float]] = []
+        cpu_total: dict[str, float] = {}
+        lat: list[float] = []
+        for _ in range(self.rounds):
+            base = self.baseline(baseline_n)
+            evs = events(n, self.users, self._prefix(path))
+            self.meter.refresh()
+            before = self.meter.sample()
+            got = run(evs)
+            after = self.meter.sample()
+            eps, round_lat = got if isinstance(got, tuple) else (got, [])
+            lat += round_lat
+            for g, us in CpuMeter.per_event(before, after, n).items():
+                cpu_total[g] = cpu_total.get(g, 0.0) + us / self.rounds
+            rounds.append({"events_per_s": eps, "baseline_events_per_s": base, "ratio": eps / base})
+        res = PathResult(path, param, statistics.median(r["events_per_s"] for r in rounds),
+                         statistics.median(r["baseline_events_per_s"] for r in rounds),
+                         statistics.median(r["ratio"] for r in rounds), rounds, cpu_total)
+        if lat:
+            res.latency_ms = {"p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99)}
+        cpu = ", ".join(f"{g} {v:.1f}" for g, v in cpu_total.items() if v >= 0.05)
+        extra = f"  p50 {res.latency_ms['p50']:.1f} ms p99 {res.latency_ms['p99']:.1f} ms" if lat else ""
+        self.say(f"  {path:<10} {param:>5}  {res.events_per_s:>9,.0f} events/s  {res.ratio:4.2f}x baseline "
+                 f"({res.baseline_events_per_s:,.0f}/s){extra}\n      CPU us/event: {cpu}")
+        return res
+
+
+def run(quick: bool = False, users: int = 10_000, rounds: int = 3,
+        progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every path beside the baseline; the result document (see the module doc)."""
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    n = 20_000 if quick else 60_000
+    nb = 10_000 if quick else 30_000
+    batches = [500] if quick else [100, 500, 1000]
+    out: dict[str, Any] = {"users": users, "shards": 2, "events_per_round": n, "baseline_events_per_round": nb,
+                           "rounds": rounds, "paths": []}
+    with tempfile.TemporaryDirectory(prefix="playbus-bench-") as d, \
+            ClusterBench(Path(d), users=users, rounds=rounds, progress=progress) as b:
+        progress(f"cluster benchmark: {n:,} events a round, {rounds} rounds, {users:,} users, 2 shards; the "
+                 f"baseline (Redis Lua, EVALSHA per event) runs {nb:,} events before every round")
+        results: list[PathResult] = []
+        for batch in batches:
+            results.append(b.measure("shards", batch, n, lambda evs, bs=batch: b.run_shards(evs, bs), nb))
+        for batch in batches:
+            results.append(b.measure("stream", batch, n, lambda evs, bs=batch: b.run_stream(evs, bs), nb))
+        results.append(b.measure("stream-in", 1, n, b.run_stream_in, nb))
+        for per in ([500] if quick else [100, 500]):
+            results.append(b.measure("http", per, n, lambda evs, pr=per: b._http(evs, pr, 4), nb))
+        out["paths"] = [asdict(r) for r in results]
+        seconds = 5 if quick else 20
+        progress(f"  single-event HTTP requests at 50/s for {seconds} s ...")
+        out["http_single"] = b.http_single(50, seconds)
+        hs = out["http_single"]
+        progress(f"  http-1     at 50 requests/s: p50 {hs['p50']:.1f} ms, p90 {hs['p90']:.1f} ms, "
+                 f"p99 {hs['p99']:.1f} ms, max {hs['max']:.1f} ms")
+        out["serve_noop"] = b.serve_noop(1000 if quick else 4000, 4)
+        sn = out["serve_noop"]
+        progress(f"  serve-noop {sn['requests_per_s']:>9,.0f} requests/s  p50 {sn['p50']:.1f} ms p99 "
+                 f"{sn['p99']:.1f} ms (Serve alone: a 404 from the ingress, 4 clients)")
+        ape = statistics.median(b.actor_per_event(10_000 if quick else 20_000) for _ in range(3))
+        out["actor_per_event_events_per_s"] = ape
+        progress(f"  actor-call {ape:>9,.0f} events/s (one Ray call per event)")
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--events", type=int, default=100_000)
+    p.add_argument("--quick", action="store_true", help="small sizes, one batch size per path (a smoke run)")
     p.add_argument("--users", type=int, default=10_000)
-    p.add_argument("--shards", type=int, default=2)
-    p.add_argument("--batch", type=int, default=500)
-    p.add_argument("--inflight", type=int, default=4, help="driver batches in flight")
-    p.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")
-    p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    want = set(args.only or ["actor-per-event", "redis-lua", "shards", "http", "stream"])
-
-    import ray
-    import redis
-    from ray import serve
-
-    from playbus.actors.edge.serve_app import Ingress
-    from playbus.actors.edge.shard_actor import UserActivityActor
-    from playbus.actors.edge.stream_actor import StreamIngressActor
-    from playbus.actors.service.router import Router
-    from playbus.actors.store.server import RedisServer
-    from playbus.config.loader import parse_config
-
-    out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as d, RedisServer(Path(d) / "redis") as srv:
-        (Path(d) / "first_quiz_lottery.lua").write_text(RULE)
-        cfg = parse_config(config_text(args.shards), base_dir=Path(d))
-        ray.init(include_dashboard=False, num_cpus=2, logging_level=logging.ERROR, log_to_driver=False)
-        n = args.events
-        print(f"cluster benchmark: {n:,} events, {args.users:,} users, {args.shards} shards, "
-              f"batches of {args.batch}; redis {srv.url}", flush=True)
-        if "actor-per-event" in want:
-            m = min(n, 20_000)
-            out["actor_per_event_events_per_s"] = bench_actor_per_event(m)
-            print(f"  actor call per event       {out['actor_per_event_events_per_s']:>10,.0f} events/s", flush=True)
-        if "redis-lua" in want:
-            out["redis_lua_events_per_s"] = bench_redis_lua(srv.url, n, args.users)
-            print(f"  redis lua per event        {out['redis_lua_events_per_s']:>10,.0f} events/s", flush=True)
-        shards = [UserActivityActor.remote(cfg, i, srv.url) for i in range(cfg.shards)]
-        ray.get([s.health.remote() for s in shards])
-        router = Router(cfg.shards, cfg.key_groups)
-        if "shards" in want:
-            asyncio.run(_drive_shards(shards, router, _events(5000, args.users, "w"), args.batch, args.inflight))
-            ray.get([s.reset_stats.remote() for s in shards])
-            rcl = redis.Redis.from_url(srv.url)
-            cpu0 = _cpu(rcl, shards)
-            eps, lat = asyncio.run(_drive_shards(shards, router, _events(n, args.users, "s"), args.batch,
-                                                 args.inflight))
-            cpu1 = _cpu(rcl, shards)
-            per = {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu0}
-            out.update({f"cpu_us_per_event_{k}": v for k, v in per.items()})
-            print("  CPU per event (us): " + ", ".join(f"{k} {v:.1f}" for k, v in per.items()), flush=True)
-            commits = [c for s in ray.get([x.commit_latencies.remote() for x in shards]) for c in s]
-            out.update(shards_events_per_s=eps, batch_p50_ms=percentile(lat, 0.5), batch_p99_ms=percentile(lat, 0.99),
-                       commit_p50_ms=percentile(commits, 0.5), commit_p99_ms=percentile(commits, 0.99),
-                       commits=len(commits), mean_commit_events=n / max(1, len(commits)))
-            print(f"  driver -> shards (500/batch){eps:>10,.0f} events/s   batch p50 {out['batch_p50_ms']:.1f} ms "
-                  f"p99 {out['batch_p99_ms']:.1f} ms; commit p50 {out['commit_p50_ms']:.2f} ms "
-                  f"p99 {out['commit_p99_ms']:.2f} ms over {len(commits)} commits", flush=True)
-        if "http" in want:
-            serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-            serve.run(Ingress.bind(  # type: ignore[attr-defined]
-                cfg, shards, srv.url), name="bench", route_prefix="/")
-            url = f"http://127.0.0.1:{args.port}"
-            asyncio.run(_drive_http(url, _events(5000, args.users, "hw"), 500, args.clients))
-            eps, lat = asyncio.run(_drive_http(url, _events(n, args.users, "h"), 500, args.clients))
-            out.update(http_events_per_s=eps, http_p50_ms=percentile(lat, 0.5), http_p99_ms=percentile(lat, 0.99))
-            print(f"  HTTP (500/request)         {eps:>10,.0f} events/s   request p50 {out['http_p50_ms']:.1f} ms "
-                  f"p99 {out['http_p99_ms']:.1f} ms", flush=True)
-            serve.shutdown()  # type: ignore[no-untyped-call]
-        if "stream" in want:
-            r = redis.Redis.from_url(srv.url)
-            reader = StreamIngressActor.remote(cfg, shards, srv.url)
-            ray.get(reader.start.remote())
-            events = _events(n, args.users, "x")
-            t = time.perf_counter()
-            for i in range(0, n, 1000):
-                pipe = r.pipeline(transaction=False)
-                for e in events[i:i + 1000]:
-                    pipe.xadd("playbus:in", {"event": msgpack.packb(e)})
-                pipe.execute()
-            add_s = time.perf_counter() - t
-            while True:
-                st = ray.get(reader.stats.remote())
-                if st["applied"] + st["duplicates"] + st["rejected"] >= n:
-                    break
-                time.sleep(0.05)
-            total = time.perf_counter() - t
-            out.update(stream_events_per_s=n / total, stream_xadd_s=add_s)
-            print(f"  stream ingress             {n / total:>10,.0f} events/s   (XADD took {add_s:.2f} s of "
-                  f"{total:.2f} s)", flush=True)
-            ray.get(reader.stop.remote())
-        ray.shutdown()
-    base = out.get("actor_per_event_events_per_s")
-    if base and "shards_events_per_s" in out:
-        out["shards_vs_actor_per_event"] = out["shards_events_per_s"] / base
-    if out.get("redis_lua_events_per_s") and "shards_events_per_s" in out:
-        out["shards_vs_redis_lua"] = out["shards_events_per_s"] / out["redis_lua_events_per_s"]
-    for k in ("shards_vs_actor_per_event", "shards_vs_redis_lua"):
-        if k in out:
-            print(f"  ratio {k}: {out[k]:.1f}x", flush=True)
-    print(json.dumps(out))
+    out = run(args.quick, args.users, args.rounds, progress=lambda s: print(s, flush=True))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
     return out
 
 

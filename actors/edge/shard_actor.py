@@ -151,6 +151,11 @@ class _UserActivityActor:
     async def commit_latencies(self) -> list[float]:
         return list(self.core.commit_ms)
 
+    async def stats(self) -> dict[str, Any]:
+        """Counters for benchmarks and tools (no Redis call): events and batches committed, users in memory, pid."""
+        return {"events": self.core.events, "batches": self.core.batches, "users": len(self.core.engine.users),
+                "pid": os.getpid(), "queued": self.batcher.queued}
+
     async def cpu_seconds(self) -> float:
         """CPU time of this shard's process (all threads), for benchmarks."""
         return time.process_time()

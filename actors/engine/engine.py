@@ -205,6 +205,7 @@ class ShardEngine:
         now_s = now_ms // 1000
         stamp = (now_s & 0xFFFFFFFF).to_bytes(_STAMP, "little")
         cutoff_s, most = now_s - self.horizon_s, self.max_ids
+        most_b, from_le = most * _DIGEST, int.from_bytes
         firsts: dict[tuple[str, str], dict[str, Any]] | None = None  # built at the batch's first duplicate
         deadline = time.perf_counter() + max_seconds if max_seconds is not None else None
         for idx, raw in enumerate(events):
@@ -246,8 +247,10 @@ class ShardEngine:
                     outcome.earlier.append((idx, key, eid))
                 continue
             st.seen = seen + digest
-            st.stamps += stamp
-            if len(seen) >= span:
+            st.stamps = stamps = st.stamps + stamp
+            # Past the window, forget only when there is something to forget: the oldest id received before the
+            # horizon, or more ids than dedup_max_ids (a hot user's ids all within the horizon cost one compare).
+            if len(seen) >= span and (len(seen) >= most_b or from_le(stamps[:_STAMP], "little") < cutoff_s):
                 st.forget_old(window, cutoff_s, most)
             add_dirty(key)
             res = results[idx] = {"id": eid, "status": "applied", "actions": [], "errors": []}
