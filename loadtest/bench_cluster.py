@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -374,12 +375,12 @@ def run(quick: bool = False, users: int = 10_000, rounds: int = 3,
                  f"baseline (Redis Lua, EVALSHA per event) runs {nb:,} events before every round")
         results: list[PathResult] = []
         for batch in batches:
-            results.append(b.measure("shards", batch, n, lambda evs, bs=batch: b.run_shards(evs, bs), nb))
+            results.append(b.measure("shards", batch, n, partial(b.run_shards, batch=batch), nb))
         for batch in batches:
-            results.append(b.measure("stream", batch, n, lambda evs, bs=batch: b.run_stream(evs, bs), nb))
+            results.append(b.measure("stream", batch, n, partial(b.run_stream, batch=batch), nb))
         results.append(b.measure("stream-in", 1, n, b.run_stream_in, nb))
         for per in ([500] if quick else [100, 500]):
-            results.append(b.measure("http", per, n, lambda evs, pr=per: b._http(evs, pr, 4), nb))
+            results.append(b.measure("http", per, n, partial(b._http, per_request=per, clients=4), nb))
         out["paths"] = [asdict(r) for r in results]
         seconds = 5 if quick else 20
         progress(f"  single-event HTTP requests at 50/s for {seconds} s ...")
