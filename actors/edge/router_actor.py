@@ -19,8 +19,8 @@ log = logging.getLogger("playbus.router")
 class _InputRouterActor:
     """Runs the router's loop: a loop that dies is logged and started again after a pause."""
 
-    def __init__(self, config: Config, redis_url: str, consumer: str = "router-0") -> None:
-        self.router = InputRouter(redis_url, config.key_groups, consumer)
+    def __init__(self, config: Config, redis_url: str) -> None:
+        self.router = InputRouter(redis_url, config.key_groups)
         self._stop: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self.restarts = 0
