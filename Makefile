@@ -1,15 +1,15 @@
-# playbus: make run | make test | make lint | make bench | make soak
+# playbus: make run | make test | make lint | make bench | make loadtest | make soak
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint bench soak clean
+.PHONY: run test test-fast lint bench loadtest soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,lint,embedded]'
+	$(BIN)/python -m pip install -q -e '.[test,lint,embedded,bench]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -27,9 +27,13 @@ lint: $(STAMP)
 	$(BIN)/mypy -p playbus
 	$(BIN)/lint-imports
 
+# One run, every path beside its baseline: loadtest/results/bench.json, the PNG plots, the README's table.
 bench: $(STAMP)
-	$(BIN)/python -m playbus.loadtest.bench_engine
-	$(BIN)/python -m playbus.loadtest.bench_cluster
+	$(BIN)/python -m playbus.loadtest.bench
+
+# locust, headless, against a cluster it starts: loadtest/results/locust/ (CSV and HTML report).
+loadtest: $(STAMP)
+	$(BIN)/python -m playbus.loadtest.locust_run
 
 soak: $(STAMP)
 	$(BIN)/python -m playbus.loadtest.soak

@@ -64,6 +64,13 @@ campaigns:
     ends: 2026-02-20T00:00:00+08:00
     rules:
       - {{id: first_quiz_lottery, on: quiz.answered, script: first_quiz_lottery.lua, emits: [lottery.grant_chance]}}
+      - {{id: ten_keys, on: bench.fill, script: ten_keys.lua}}
+"""
+# The memory measurement: one event a user gives its context 10 keys.
+TEN_KEYS = """
+function decide(event, ctx)
+  for i = 1, 10 do ctx:set("game" .. i .. ".value", i * 1000) end
+end
 """
 # The baseline: dedup by id, count, emit on the first answer; EVALSHA per event.
 REDIS_DECISION = """
@@ -85,6 +92,7 @@ class PathResult:
     ratio: float  # median of the rounds' path / baseline
     rounds: list[dict[str, float]] = field(default_factory=list)
     cpu_us_per_event: dict[str, float] = field(default_factory=dict)
+    baseline_cpu_us_per_event: dict[str, float] = field(default_factory=dict)  # driver and redis-server
     latency_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -118,6 +126,7 @@ class ClusterBench:
         from playbus.loadtest.launcher import free_port
 
         (self.workdir / "first_quiz_lottery.lua").write_text(FIRST_QUIZ)
+        (self.workdir / "ten_keys.lua").write_text(TEN_KEYS)
         config = self.workdir / "bench.yaml"
         config.write_text(BENCH_CONFIG.format(shards=self.shards_n))
         self.port = free_port()
@@ -329,6 +338,60 @@ class ClusterBench:
         rps = asyncio.run(drive(requests))
         return {"requests_per_s": rps, "p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99)}
 
+    # -- memory and recovery ---------------------------------------------------------------------------
+    def shard_rss(self) -> int:
+        """Resident memory of the shard processes, bytes."""
+        import psutil
+        import ray
+
+        pids = [s["pid"] for s in ray.get([x.stats.remote() for x in self.shards])]
+        return sum(psutil.Process(p).memory_info().rss for p in pids)
+
+    def memory(self, users: int, batch: int = 1000) -> dict[str, float]:
+        """`users` new users, one event each that gives the context 10 keys, through the shards: the growth of
+        the shards' resident memory per user, and what 1,000,000 such users take."""
+        import gc
+
+        import ray
+
+        gc.collect()
+        before_users = sum(s["users"] for s in ray.get([x.stats.remote() for x in self.shards]))
+        before = self.shard_rss()
+        prefix = self._prefix("fill")
+        t = time.perf_counter()
+        for start in range(0, users, 100_000):
+            evs = [{"id": f"{prefix}{i}", "campaign": "spring2026", "user": f"{prefix}u{i}", "type": "bench.fill",
+                    "ts": T0 + i} for i in range(start, min(users, start + 100_000))]
+            self.run_shards(evs, batch)
+            self.say(f"    {min(users, start + 100_000):,} / {users:,} users filled "
+                     f"({time.perf_counter() - t:.0f} s)")
+        after = self.shard_rss()
+        now_users = sum(s["users"] for s in ray.get([x.stats.remote() for x in self.shards]))
+        per_user = (after - before) / users
+        return {"users": users, "users_in_memory": now_users - before_users, "rss_before_bytes": before,
+                "rss_after_bytes": after, "bytes_per_user": per_user, "million_users_bytes": per_user * 1e6,
+                "fill_seconds": time.perf_counter() - t}
+
+    def recovery(self, shard: int = 0) -> dict[str, float]:
+        """Shard `shard`'s full recovery from Redis: every committed user of its key groups read (HSCAN) and
+        restored into a fresh engine, as ShardCore.preload does (in this process, so the live shard is not
+        fenced): seconds and users."""
+        import redis
+
+        from playbus.actors.engine.engine import ShardEngine
+        from playbus.actors.engine.keys import groups_of_shard
+        from playbus.actors.service.shard import reload_groups
+        from playbus.actors.store.commit import RedisStore
+        from playbus.config.loader import load_config
+
+        config = load_config(self.workdir / "bench.yaml")
+        engine = ShardEngine(config)
+        store = RedisStore(redis.Redis.from_url(self.redis_url), config.key_groups)
+        t = time.perf_counter()
+        n = reload_groups(store, engine, groups_of_shard(shard, config.shards, config.key_groups))
+        seconds = time.perf_counter() - t
+        return {"users": n, "seconds": seconds, "users_per_s": n / seconds}
+
     # -- rounds ------------------------------------------------------------------------------------
     def measure(self, path: str, param: int, n: int, run: Callable[[list[dict[str, Any]]], Any],
                 baseline_n: int) -> PathResult:
@@ -336,10 +399,14 @@ class ClusterBench:
         rounds: list[dict[str, float]] = []
         cpu_total: dict[str, float] = {}
         lat: list[float] = []
+        base_cpu: dict[str, float] = {}
         for _ in range(self.rounds):
-            base = self.baseline(baseline_n)
-            evs = events(n, self.users, self._prefix(path))
             self.meter.refresh()
+            before = self.meter.sample()
+            base = self.baseline(baseline_n)
+            for g, us in CpuMeter.per_event(before, self.meter.sample(), baseline_n).items():
+                base_cpu[g] = base_cpu.get(g, 0.0) + us / self.rounds
+            evs = events(n, self.users, self._prefix(path))
             before = self.meter.sample()
             got = run(evs)
             after = self.meter.sample()
@@ -350,23 +417,26 @@ class ClusterBench:
             rounds.append({"events_per_s": eps, "baseline_events_per_s": base, "ratio": eps / base})
         res = PathResult(path, param, statistics.median(r["events_per_s"] for r in rounds),
                          statistics.median(r["baseline_events_per_s"] for r in rounds),
-                         statistics.median(r["ratio"] for r in rounds), rounds, cpu_total)
+                         statistics.median(r["ratio"] for r in rounds), rounds, cpu_total,
+                         baseline_cpu_us_per_event=base_cpu)
         if lat:
             res.latency_ms = {"p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99)}
         cpu = ", ".join(f"{g} {v:.1f}" for g, v in cpu_total.items() if v >= 0.05)
+        cpu += "; baseline: " + ", ".join(f"{g} {base_cpu.get(g, 0.0):.1f}" for g in ("driver", "redis"))
         extra = f"  p50 {res.latency_ms['p50']:.1f} ms p99 {res.latency_ms['p99']:.1f} ms" if lat else ""
         self.say(f"  {path:<10} {param:>5}  {res.events_per_s:>9,.0f} events/s  {res.ratio:4.2f}x baseline "
                  f"({res.baseline_events_per_s:,.0f}/s){extra}\n      CPU us/event: {cpu}")
         return res
 
 
-def run(quick: bool = False, users: int = 10_000, rounds: int = 3,
+def run(quick: bool = False, users: int = 10_000, rounds: int = 3, memory_users: int | None = None,
         progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every path beside the baseline; the result document (see the module doc)."""
+    """Every path beside the baseline, then memory and recovery; the result document (see the module doc)."""
     logging.getLogger("ray").setLevel(logging.ERROR)
     n = 20_000 if quick else 60_000
     nb = 10_000 if quick else 30_000
-    batches = [500] if quick else [100, 500, 1000]
+    batches = [100, 500] if quick else [50, 100, 500, 1000, 2000]
+    memory_users = memory_users if memory_users is not None else (50_000 if quick else 1_000_000)
     out: dict[str, Any] = {"users": users, "shards": 2, "events_per_round": n, "baseline_events_per_round": nb,
                            "rounds": rounds, "paths": []}
     with tempfile.TemporaryDirectory(prefix="playbus-bench-") as d, \
@@ -379,7 +449,7 @@ def run(quick: bool = False, users: int = 10_000, rounds: int = 3,
         for batch in batches:
             results.append(b.measure("stream", batch, n, partial(b.run_stream, batch=batch), nb))
         results.append(b.measure("stream-in", 1, n, b.run_stream_in, nb))
-        for per in ([500] if quick else [100, 500]):
+        for per in ([100, 500] if quick else [50, 100, 500, 1000]):
             results.append(b.measure("http", per, n, partial(b._http, per_request=per, clients=4), nb))
         out["paths"] = [asdict(r) for r in results]
         seconds = 5 if quick else 20
@@ -395,6 +465,14 @@ def run(quick: bool = False, users: int = 10_000, rounds: int = 3,
         ape = statistics.median(b.actor_per_event(10_000 if quick else 20_000) for _ in range(3))
         out["actor_per_event_events_per_s"] = ape
         progress(f"  actor-call {ape:>9,.0f} events/s (one Ray call per event)")
+        progress(f"  memory: {memory_users:,} users with a 10-key context each, through the shards ...")
+        mem = out["memory"] = b.memory(memory_users)
+        progress(f"  memory     {mem['bytes_per_user']:,.0f} B a user (shards' RSS "
+                 f"{mem['rss_before_bytes'] / 2**20:,.0f} -> {mem['rss_after_bytes'] / 2**20:,.0f} MiB): "
+                 f"1,000,000 users take {mem['million_users_bytes'] / 2**30:.2f} GiB")
+        rec = out["recovery"] = b.recovery(0)
+        progress(f"  recovery   shard 0 reloads {rec['users']:,} users from Redis in {rec['seconds']:.1f} s "
+                 f"({rec['users_per_s']:,.0f} users/s)")
     return out
 
 
@@ -403,9 +481,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="small sizes, one batch size per path (a smoke run)")
     p.add_argument("--users", type=int, default=10_000)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--memory-users", type=int, help="users of the memory measurement (default 1,000,000)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    out = run(args.quick, args.users, args.rounds, progress=lambda s: print(s, flush=True))
+    out = run(args.quick, args.users, args.rounds, args.memory_users, progress=lambda s: print(s, flush=True))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return out

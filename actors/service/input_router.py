@@ -61,7 +61,8 @@ class InputRouter:
         while not stop.is_set():
             try:
                 if self.offset is None:
-                    self.offset = await self.client.get(IN_OFFSET)
+                    stored: Any = await self.client.get(IN_OFFSET)
+                    self.offset = stored
                     if self.offset is None:
                         await self._retire_group()
                         self.offset = b"0-0"

@@ -157,3 +157,24 @@ def test_scripts_of_playbus_0_1_are_carried_over_once(clean_redis: Any) -> None:
     assert catalog.migrate_legacy() == ["quiz"] and catalog.migrate_legacy() == []
     assert catalog.get("quiz") == {"name": "quiz", "active": 2, "versions": {1: FIRST_QUIZ, 2: TWO_CHANCES}}
     assert catalog.deploy("quiz", FIRST_QUIZ) == (False, 2)  # the operators' version 2 stays active
+
+
+def test_a_restarted_shard_preloads_every_user_of_its_groups_with_their_context(
+        redis_server: RedisServer, clean_redis: Any, tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, {"quiz": FIRST_QUIZ}, RULES, shards=1, key_groups=8))
+    first = ShardCore(config, 0, redis_server.url)
+    users = [f"p{i}" for i in range(25)]
+    first.process([ev(f"{r}-{u}", u) for r in range(3) for u in users], T0)
+    first.close()
+
+    second = ShardCore(config, 0, redis_server.url)  # a restart: nothing in memory yet
+    assert not second.engine.users
+    assert second.preload() == 25
+    assert {second.engine.context("c1", u)["quiz.answered"] for u in users} == {3}
+    assert second.preload() == 0  # what is in memory is not loaded again
+    [res] = second.process([ev("next", "p7")], T0)
+    assert res["status"] == "applied" and res["actions"] == []  # the loaded counter goes on: no second grant
+    assert second.engine.context("c1", "p7")["quiz.answered"] == 4
+    [dup] = second.process([ev("1-p7", "p7")], T0)  # the dedup memory came back with the context
+    assert dup["status"] == "duplicate"
+    second.close()
