@@ -1,6 +1,6 @@
 """`run_cluster.py` as a subprocess: start it, wait until it serves, stop it with SIGTERM and check the stop.
 
-Used by loadtest/harness.py (`--start-cluster`), loadtest/soak.py and the e2e fixture (tests/e2e/conftest.py):
+Used by loadtest/locust_run.py (`make loadtest`), loadtest/soak.py and the e2e fixture (tests/e2e/conftest.py):
 
     with ClusterProcess("config/example.yaml", shards=2) as cluster:
         ... cluster.url, cluster.redis_url ...

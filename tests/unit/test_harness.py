@@ -1,10 +1,10 @@
-"""The load harness's behaviours (loadtest/harness.py): deterministic for a seed, unique ids, valid for the
+"""The load tools' behaviours (loadtest/harness.py): deterministic for a seed, unique ids, valid for the
 example campaign (run through ShardEngine: nothing rejected, no rule error), weights respected; plus the
-user mix, percentiles and the rate limiter. No Ray, no Redis, no network."""
+user mix, how a reply of POST /v1/events is judged, percentiles and the latency recorder. No Ray, no Redis,
+no network."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,10 @@ from playbus.loadtest.harness import (
     Inviter,
     LatencyRecorder,
     QuizPlayer,
-    RateLimiter,
     TaskDoer,
     TeamMember,
     make_users,
+    reply_problem,
     task,
 )
 from playbus.loadtest.stats import percentile
@@ -168,7 +168,7 @@ def test_a_behaviour_without_tasks_or_with_a_bad_weight_is_refused() -> None:
         task(0)
 
 
-def test_percentiles_and_rate_limiter() -> None:
+def test_percentiles_and_latency_recorder() -> None:
     xs = sorted(float(i) for i in range(1, 101))
     assert percentile(xs, 0.5) == 50 and percentile(xs, 0.95) == 95 and percentile(xs, 0.99) == 99
     assert percentile([], 0.5) == 0.0 and percentile([7.0], 0.99) == 7.0
@@ -178,8 +178,34 @@ def test_percentiles_and_rate_limiter() -> None:
     assert rec.summary()["p50"] == 4.0 and rec.outcomes == {"200": 9, "err": 1}
     assert len(rec.cut()) == 10 and rec.cut() == []
 
-    limiter = RateLimiter(200, burst=1)
-    t = time.monotonic()
-    for _ in range(41):
-        limiter.acquire()
-    assert 0.15 <= time.monotonic() - t < 1.5
+
+def test_every_gameplay_of_the_example_config_has_a_behaviour() -> None:
+    gameplays = {r.on.split(".", 1)[0] for c in load_config(CONFIG).campaigns for r in c.rules}
+    assert gameplays == {"quiz", "task", "checkin", "assist", "team"}
+    assert {b.gameplay for b in BEHAVIOURS.values()} == gameplays
+    for b in BEHAVIOURS.values():  # each behaviour's events are of its gameplay
+        assert {e["type"].split(".", 1)[0] for e in generate([b(0, seed=2)], 20)} == {b.gameplay}
+
+
+def test_reply_problem_names_what_is_wrong_without_ids() -> None:
+    sent = [QuizPlayer(0, seed=9).next_events()[0], TaskDoer(0, seed=9).next_events()[0]]
+
+    def result(e: dict[str, Any], status: str = "applied", errors: list[str] | None = None) -> dict[str, Any]:
+        return {"id": e["id"], "status": status, "actions": [], "errors": errors or []}
+
+    good = {"results": [result(sent[0]), result(sent[1], "duplicate")]}
+    assert reply_problem(200, good, sent) is None
+    assert reply_problem(503, good, sent) == "HTTP 503"
+    assert reply_problem(200, None, sent) == "200 without a results list"
+    assert reply_problem(200, {"results": {}}, sent) == "200 without a results list"
+    assert reply_problem(200, {"results": good["results"][:1]}, sent) == "1 results for 2 events"
+    assert reply_problem(200, {"results": good["results"][::-1]}, sent) == "results not in request order"
+    rejected = {"results": [result(sent[0]), result(sent[1], "rejected", ["data: too large"])]}
+    assert reply_problem(200, rejected, sent) == "rejected task.completed: data: too large"
+    rule_error = {"results": [result(sent[0], errors=["rule first_quiz_lottery: boom at line 3"]), result(sent[1])]}
+    assert reply_problem(200, rule_error, sent) == "rule error on quiz.answered: rule first_quiz_lottery"
+    assert reply_problem(200, {"results": [result(sent[0], "weird"), result(sent[1])]}, sent) == \
+        "unknown status 'weird'"
+    for bad in (rejected, rule_error):  # locust groups failures by message: no event id in it
+        msg = reply_problem(200, bad, sent)
+        assert msg is not None and not any(e["id"] in msg or e["user"] in msg for e in sent)
