@@ -41,7 +41,8 @@ class _UserActivityActor:
         self.batcher = MicroBatcher(self.core, config.batch.max_events, config.batch.max_wait_ms / 1000,
                                     on_committed=self._record)
         self.reader = PartitionReader(redis_url, sorted(self.core.groups), self._submit_read,
-                                      {c.id for c in config.campaigns}, chunk=config.batch.max_events)
+                                      {c.id for c in config.campaigns}, chunk=config.batch.max_events,
+                                      key_groups=config.key_groups)
         self._reader_task: asyncio.Task[None] | None = None
         self._reader_stop: asyncio.Event | None = None
         self.reader_restarts = 0

@@ -28,12 +28,13 @@ from redis.exceptions import RedisError
 
 from playbus.actors.engine.errors import PlaybusError
 from playbus.actors.engine.events import EventIn, Rejected, decode_events, decode_json_events
-from playbus.actors.engine.keys import group_prefix
+from playbus.actors.engine.keys import group_prefix, key_group
 
 __all__ = ["POISON_AFTER", "PartitionReader", "decode_entry", "is_transient", "rejection"]
 
 log = logging.getLogger("playbus.partitions")
 POISON_AFTER = 3
+MAX_REJECTION = 262_144  # bytes of one playbus:rejected record
 MAX_ENTRY = 20 * 1024 * 1024  # one entry: up to a record batch of 1000 events of 16 KiB data
 Submit = Callable[[list[Any], tuple[int, str], list[bytes]], Awaitable[list[dict[str, Any]]]]
 
@@ -48,8 +49,14 @@ def rejection(entry: str, partition: int | None, event: Any, reason: str) -> byt
     read) and why."""
     if isinstance(event, bytes):
         event = event[:65536].decode("utf-8", "replace")
-    doc = {"entry": entry, "partition": partition, "event": event, "reason": reason}
-    return json.dumps(doc, default=str, ensure_ascii=False).encode()[:262_144]
+    doc = {"entry": entry, "partition": partition, "event": event, "reason": reason[:4096]}
+    out = json.dumps(doc, default=str, ensure_ascii=False).encode()
+    if len(out) > MAX_REJECTION:  # keep the record valid JSON: cut the event, as text
+        text = event if isinstance(event, str) else json.dumps(event, default=str, ensure_ascii=False)
+        doc["event"] = text[:MAX_REJECTION // 8] + "..."
+        doc["event_truncated"] = True
+        out = json.dumps(doc, default=str, ensure_ascii=False).encode()
+    return out
 
 
 def as_dict(ev: EventIn) -> dict[str, Any]:
@@ -92,8 +99,9 @@ class PartitionReader:
     """Reads the input partitions of `groups` and submits chunks to `submit(events, (group, offset), rejected)`."""
 
     def __init__(self, redis_url: str, groups: list[int], submit: Submit, campaigns: set[str], chunk: int = 500,
-                 block_ms: int = 10) -> None:
+                 block_ms: int = 10, key_groups: int | None = None) -> None:
         self.client = aioredis.Redis.from_url(redis_url, socket_timeout=30)
+        self.key_groups = key_groups  # when given, an event in another group's partition is rejected
         self.groups = sorted(groups)
         self.submit = submit
         self.campaigns = campaigns
@@ -172,6 +180,7 @@ class PartitionReader:
         events: list[Any] = []
         rejected: list[bytes] = []
         campaigns = self.campaigns
+        n = self.key_groups
         for entry_id, fields in entries:
             eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             evs, reason = decode_entry(fields or {})
@@ -183,6 +192,11 @@ class PartitionReader:
                     rejected.append(rejection(eid, kg, ev.raw if ev.raw is not None else {"id": ev.id}, ev.reason))
                 elif ev.campaign not in campaigns:
                     rejected.append(rejection(eid, kg, as_dict(ev), f"campaign: unknown campaign {ev.campaign!r}"))
+                elif n is not None and (right := key_group(f"{ev.campaign}\x00{ev.user}", n)) != kg:
+                    # a producer that partitions wrongly: deciding it here would break the user's order and the
+                    # ownership of its group (and fail the whole batch beside it)
+                    rejected.append(rejection(eid, kg, as_dict(ev), f"partition: the user's events belong in "
+                                                                    f"partition {right}, not {kg}"))
                 else:
                     events.append(ev)
         first = entries[0][0].decode() if isinstance(entries[0][0], bytes) else entries[0][0]

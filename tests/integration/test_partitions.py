@@ -59,7 +59,7 @@ class Shard:
         self.core = ShardCore(config, i, url)
         self.batcher: MicroBatcher[PreparedBatch] = MicroBatcher(self.core, 100, 0.001)
         self.reader = PartitionReader(url, sorted(self.core.groups), submit or self.batcher.submit, {"c1"},
-                                      chunk=100)
+                                      chunk=100, key_groups=KG)
 
 
 def run_shards(config: Config, url: str, done: Callable[[], bool], timeout: float = 30,
@@ -194,6 +194,39 @@ def test_invalid_events_are_committed_to_rejected_with_the_batch_that_consumes_t
                        "field 'events' is not a msgpack array of events", "user"]
     assert all(r["partition"] == kg for r in records)
     assert contexts(clean_redis, config, ["v1"])["v1"] == {"n": 2, "last": 2}
+
+
+def test_an_event_in_another_groups_partition_is_rejected_and_the_good_entries_beside_it_are_applied(
+        config: Config, redis_server: RedisServer, clean_redis: Any) -> None:
+    users = [f"m{i}" for i in range(24)]
+    StreamProducer(clean_redis, key_groups=KG, batch=4).send_many([tick(u, s) for s in (1, 2) for u in users])
+    home = partition_of("c1", "m0", KG)
+    wrong = [(home + 1) % KG, (home + KG // 2) % KG]  # a partition of the same shard and one of the other
+    for i, kg in enumerate(wrong):
+        clean_redis.xadd(group_prefix(kg) + "in", {"events": msgpack.packb([tick("m0", 3, eid=f"misrouted{i}")])})
+    StreamProducer(clean_redis, key_groups=KG, batch=4).send_many([tick(u, 3) for u in users])
+
+    run_shards(config, redis_server.url, lambda: all(c.get("n") == 3 for c in contexts(clean_redis, config,
+                                                                                       users).values())
+               and clean_redis.xlen(REJECTED_STREAM) >= 2)
+    assert all(c == {"n": 3, "last": 3} for c in contexts(clean_redis, config, users).values())
+    records = sorted((json.loads(f[b"rejected"]) for _, f in clean_redis.xrange(REJECTED_STREAM)),
+                     key=lambda r: r["event"]["id"])
+    assert [(r["event"]["id"], r["partition"]) for r in records] == [("misrouted0", wrong[0]),
+                                                                    ("misrouted1", wrong[1])]
+    assert all(r["reason"] == f"partition: the user's events belong in partition {home}, not {r['partition']}"
+               for r in records)
+
+
+def test_a_rejection_record_of_a_huge_entry_stays_valid_json() -> None:
+    from playbus.actors.service.partition_reader import MAX_REJECTION, rejection
+
+    record = rejection("1-0", 3, {"id": "big", "data": {"blob": "é" * 300_000}}, "data: too large")
+    doc = json.loads(record)
+    assert len(record) <= MAX_REJECTION and doc["event_truncated"] and doc["partition"] == 3
+    assert doc["reason"] == "data: too large" and doc["event"].startswith('{"id": "big"')
+    small = json.loads(rejection("1-0", None, {"id": "x"}, "why"))
+    assert small == {"entry": "1-0", "partition": None, "event": {"id": "x"}, "reason": "why"}
 
 
 def test_a_poison_entry_is_rejected_after_three_failures_and_the_entries_behind_it_go_on(
