@@ -54,7 +54,7 @@ end
 BENCH_CONFIG = """
 shards: {shards}
 key_groups: 128
-batch: {{max_events: 500, max_wait_ms: 2}}
+batch: {{max_events: 2000, max_wait_ms: 2}}
 targets:
   lottery: {{stream: "playbus:actions:lottery"}}
 campaigns:

@@ -127,6 +127,28 @@ def bench_engine(tmp: Path, rules: list[tuple[str, str]], n: int, users: int, ba
     return n / (time.process_time() - t)
 
 
+def interleaved(engines: list[ShardEngine], n: int, users: int, batch: int, prefix: str) -> list[float]:
+    """The table_from floor and each engine, batch by batch in turn (so that this machine's drift hits them
+    alike): events/s of CPU time of each, the floor first."""
+    lua = lua54.LuaRuntime()
+    f = lua.eval("function(e) if e.ts == 1 then return e.id end return nil end")
+    table_from = lua.table_from
+    floor_events = _events(n, users, f"{prefix}f")
+    streams = [decoded(_events(n, users, f"{prefix}{j}-")) for j in range(len(engines))]
+    spent = [0.0] * (len(engines) + 1)
+    clock = time.process_time
+    for i in range(0, n, batch):
+        t = clock()
+        for e in floor_events[i:i + batch]:
+            f(table_from(e))
+        spent[0] += clock() - t
+        for j, eng in enumerate(engines):
+            t = clock()
+            eng.process(streams[j][i:i + batch], T0)
+            spent[j + 1] += clock() - t
+    return [n / s for s in spent]
+
+
 def bench_memory(tmp: Path, users: int, events_per_user: int = 1) -> dict[str, float]:
     """Bytes per user after `events_per_user` events each, all within the dedup horizon (so every id is kept:
     32 fills the default dedup window; 1,000 is a very active user's ten minutes)."""

@@ -15,8 +15,8 @@ from typing import Annotated, Any, NamedTuple
 import msgpack
 import msgspec
 
-__all__ = ["MAX_DATA_BYTES", "Event", "EventIn", "Rejected", "check_event", "decode_events", "decode_json_events",
-           "encode_events"]
+__all__ = ["MAX_DATA_BYTES", "Event", "EventIn", "Rejected", "check_event", "decode_event_raw", "decode_events",
+           "decode_json_events", "encode_event", "encode_events", "msgpack_array"]
 
 MAX_DATA_BYTES = 16 * 1024
 MAX_ID = 128
@@ -86,6 +86,31 @@ _dec_json_any = msgspec.json.Decoder()
 def encode_events(events: list[EventIn]) -> bytes:
     """A msgpack array of events (their data embedded as it is)."""
     return _encode(events)
+
+
+def encode_event(event: EventIn) -> bytes:
+    """One event as a msgpack map."""
+    return _encode(event)
+
+
+def msgpack_array(items: list[bytes]) -> bytes:
+    """A msgpack array of items that are msgpack already (events kept as they arrived: not decoded and encoded
+    again)."""
+    n = len(items)
+    head = bytes((0x90 | n,)) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 65536 else b"\xdd" +
+                                                n.to_bytes(4, "big"))
+    return head + b"".join(items)
+
+
+def decode_event_raw(raw: bytes) -> EventIn | None:
+    """One valid msgpack event (a map), or None when it is anything else (then `decode_events` says why)."""
+    if not raw[:1] or not (0x80 <= raw[0] <= 0x8F or raw[0] in (0xDE, 0xDF)):
+        return None
+    try:
+        e: EventIn = _dec_one.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    return None if _data_problem(e.data) else e
 
 
 def _data_problem(raw: msgspec.Raw | bytes) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from playbus.actors.engine.events import EventIn, Rejected, encode_events
+from playbus.actors.engine.events import EventIn, Rejected, decode_event_raw, encode_event, msgpack_array
 from playbus.actors.engine.keys import group_prefix, key_group
 from playbus.actors.service.partition_reader import decode_entry, rejection
 from playbus.actors.store.commit import REJECTED_STREAM
@@ -34,6 +34,7 @@ log = logging.getLogger("playbus.router")
 IN_STREAM = "playbus:in"
 IN_OFFSET = "playbus:in:offset"
 LEGACY_GROUP = "playbus"  # the consumer group routers used to read with
+MAX_EVENT = 64 * 1024  # one event of playbus:in (as decode_entry)
 
 
 def next_id(entry_id: bytes) -> bytes:
@@ -83,36 +84,51 @@ class InputRouter:
             pass  # no stream, or no such group
 
     async def route(self, entries: list[Any]) -> None:
-        """Route one batch of `playbus:in` entries ([id, [field, value, ...]] each) in one transaction."""
-        by_group: dict[int, list[EventIn]] = {}
+        """Route one batch of `playbus:in` entries ([id, [field, value, ...]] each) in one transaction. A valid
+        msgpack event is passed on as it arrived (checked, not encoded again); anything else takes the slow road
+        (JSON, a record batch, what is rejected)."""
+        by_group: dict[int, list[bytes]] = {}
         rejected: list[bytes] = []
         n = self.key_groups
+        routed = 0
         for entry_id, flat in entries:
-            fields = dict(zip(flat[::2], flat[1::2], strict=False)) if flat else {}
-            if not fields:
+            if not flat:
                 continue
+            if len(flat) == 2 and flat[0] == b"event" and len(flat[1]) <= MAX_EVENT:
+                ev = decode_event_raw(flat[1])
+                if ev is not None:
+                    kg = key_group(f"{ev.campaign}\x00{ev.user}", n)
+                    group = by_group.get(kg)
+                    if group is None:
+                        by_group[kg] = [flat[1]]
+                    else:
+                        group.append(flat[1])
+                    routed += 1
+                    continue
+            fields = dict(zip(flat[::2], flat[1::2], strict=False))
             events, reason = decode_entry(fields)
             if reason:
                 rejected.append(rejection(entry_id.decode(), None, fields.get(b"event") or b"", reason))
                 continue
-            for ev in events:
-                if type(ev) is Rejected:
-                    rejected.append(rejection(entry_id.decode(), None, ev.raw if ev.raw is not None else {"id": ev.id},
-                                              ev.reason))
+            for e in events:
+                if type(e) is Rejected:
+                    rejected.append(rejection(entry_id.decode(), None, e.raw if e.raw is not None else {"id": e.id},
+                                              e.reason))
                     continue
-                assert type(ev) is EventIn
-                by_group.setdefault(key_group(f"{ev.campaign}\x00{ev.user}", n), []).append(ev)
+                assert type(e) is EventIn
+                by_group.setdefault(key_group(f"{e.campaign}\x00{e.user}", n), []).append(encode_event(e))
+                routed += 1
         last = entries[-1][0]
         pipe = self.client.pipeline(transaction=True)
         for kg, group_events in by_group.items():
-            pipe.xadd(group_prefix(kg) + "in", {"events": encode_events(group_events)})
+            pipe.xadd(group_prefix(kg) + "in", {"events": msgpack_array(group_events)})
         for record in rejected:
             pipe.xadd(REJECTED_STREAM, {"rejected": record})
         pipe.set(IN_OFFSET, last)
         pipe.xtrim(IN_STREAM, minid=next_id(last), approximate=False)
         await pipe.execute()
         self.offset = last
-        self.stats["routed"] += sum(len(v) for v in by_group.values())
+        self.stats["routed"] += routed
         self.stats["rejected"] += len(rejected)
         self.stats["batches"] += 1
 
