@@ -70,6 +70,7 @@ class Sandbox:
         # event than the keys, and a dense array in Lua. A dropped key's slot is reused.
         self._slots: dict[str, int] = {}
         self._free: list[int] = []
+        self._top = 0  # the highest slot given out
         self._run_batch = self._api.run_batch
         self._table_from = self._lua.table_from
 
@@ -131,44 +132,64 @@ class Sandbox:
         return [(r, why) for r, why in msgpack.unpackb(self._api.disabled_rules(), raw=False)]
 
     # -- contexts ----------------------------------------------------------------------------------
+    # The engine names contexts by slot (UserState.slot) and keeps no key here: new_slot, free_slot and the
+    # *_at/*_of methods. The keyed methods (slot(key), get_contexts(keys), ...) serve tools and tests.
+    def new_slot(self) -> int:
+        """A free slot (with no context): what run_batch's columns name."""
+        if self._free:
+            return self._free.pop()
+        self._top += 1
+        return self._top
+
+    def free_slot(self, slot: int) -> None:
+        """Drop a slot's context and give the slot back."""
+        self._api.drop_context(slot)
+        self._free.append(slot)
+
+    def get_contexts_of(self, slots: list[int]) -> list[dict[str, Any] | None]:
+        """The contexts in these slots (None where a slot has none; slot 0 is never used)."""
+        if not slots:
+            return []
+        blob = self._api.get_contexts(self._table_from(slots), len(slots))
+        return [c if c is not False else None for c in msgpack.unpackb(blob, raw=False, strict_map_key=False)]
+
+    def get_context_blobs_of(self, slots: list[int]) -> list[bytes | None]:
+        """The contexts in these slots as msgpack bytes, for snapshots."""
+        if not slots:
+            return []
+        blob = self._api.get_context_blobs(self._table_from(slots), len(slots))
+        return [b if b is not False else None for b in msgpack.unpackb(blob, raw=False)]
+
+    def load_context_at(self, slot: int, context: dict[str, Any] | bytes) -> None:
+        """Set the context in a slot (plain data or msgpack bytes of a map)."""
+        self._api.load_context(slot, context if isinstance(context, bytes) else msgpack.packb(context))
+
     def slot(self, key: str) -> int:
-        """The slot of a user key's context, given one (empty) if it has none; what run_batch's columns name."""
+        """The slot of a user key's context, given one (empty) if it has none."""
         slot = self._slots.get(key)
         if slot is None:
-            slot = self._slots[key] = self._free.pop() if self._free else len(self._slots) + 1
+            slot = self._slots[key] = self.new_slot()
         return slot
-
-    def _slots_of(self, keys: list[str]) -> list[int]:
-        slots = self._slots
-        return [slots.get(k, 0) for k in keys]  # 0: no slot, no context
 
     def get_contexts(self, keys: list[str]) -> list[dict[str, Any] | None]:
         """The contexts of these user keys (None where the user has none in memory)."""
-        if not keys:
-            return []
-        blob = self._api.get_contexts(self._table_from(self._slots_of(keys)), len(keys))
-        return [c if c is not False else None for c in msgpack.unpackb(blob, raw=False, strict_map_key=False)]
+        return self.get_contexts_of([self._slots.get(k, 0) for k in keys])
 
     def get_context_blobs(self, keys: list[str]) -> list[bytes | None]:
         """The contexts of these user keys as msgpack bytes, for snapshots."""
-        if not keys:
-            return []
-        blob = self._api.get_context_blobs(self._table_from(self._slots_of(keys)), len(keys))
-        return [b if b is not False else None for b in msgpack.unpackb(blob, raw=False)]
+        return self.get_context_blobs_of([self._slots.get(k, 0) for k in keys])
 
     def load_context(self, key: str, context: dict[str, Any] | bytes) -> int:
         """Set a user's context (plain data or msgpack bytes of a map); returns its slot."""
-        blob = context if isinstance(context, bytes) else msgpack.packb(context)
         slot = self.slot(key)
-        self._api.load_context(slot, blob)
+        self.load_context_at(slot, context)
         return slot
 
     def drop_context(self, key: str) -> None:
         """Forget a user's context (and its slot)."""
         slot = self._slots.pop(key, None)
         if slot is not None:
-            self._api.drop_context(slot)
-            self._free.append(slot)
+            self.free_slot(slot)
 
     def memory_kb(self) -> float:
         """Live Lua memory in KiB after a full collection."""

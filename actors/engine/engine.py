@@ -232,7 +232,7 @@ class ShardEngine:
             key = f"{campaign}\x00{user}"
             st = users.get(key)
             if st is None:
-                st = users[key] = UserState(slot=self.sandbox.slot(key))
+                st = users[key] = UserState(slot=self.sandbox.new_slot())
             id_b = eid.encode()
             digest = (crc32(id_b) | crc32(id_b, DIGEST_SEED) << 32).to_bytes(8, "little")
             seen = st.seen
@@ -361,7 +361,7 @@ class ShardEngine:
         """Give every user these events touch who is not in memory yet this starting context (dry runs)."""
         for key in self.missing(events):
             self.restore(key, None)
-            self.sandbox.load_context(key, context)
+            self.sandbox.load_context_at(self.users[key].slot, context)
 
     def take_dirty(self) -> set[str]:
         """The users changed since the last call (and forget them)."""
@@ -372,36 +372,40 @@ class ShardEngine:
         """msgpack bytes of each user's whole state (default: the dirty users, which are then clean)."""
         if keys is None:
             keys = self.take_dirty()
-        keys = [k for k in keys if k in self.users]
-        blobs = self.sandbox.get_context_blobs(keys)
-        return {k: encode_snapshot(self.users[k], b) for k, b in zip(keys, blobs, strict=False)}
+        users = self.users
+        states = [(k, users[k]) for k in keys if k in users]
+        blobs = self.sandbox.get_context_blobs_of([st.slot for _, st in states])
+        return {k: encode_snapshot(st, b) for (k, st), b in zip(states, blobs, strict=False)}
 
     def restore(self, key: str, blob: bytes | None) -> None:
         """Load a user's state from a snapshot (None: a new user with empty state)."""
+        old = self.users.get(key)
+        if old is not None:
+            self.sandbox.free_slot(old.slot)
         if blob is None:
-            self.sandbox.drop_context(key)
-            self.users[key] = UserState(slot=self.sandbox.slot(key))
+            self.users[key] = UserState(slot=self.sandbox.new_slot())
             return
         state, context = decode_snapshot(blob)
         if state.caps and any(type(k) is int for k in state.caps):  # a version 1 snapshot: caps by position
             camp = self.campaigns.get(key.partition("\x00")[0])
             state.caps = camp.caps.migrate(state.caps) if camp is not None else None
-        if context is None:
-            self.sandbox.drop_context(key)
-            state.slot = self.sandbox.slot(key)
-        else:
-            state.slot = self.sandbox.load_context(key, context)
+        state.slot = self.sandbox.new_slot()
+        if context is not None:
+            self.sandbox.load_context_at(state.slot, context)
         self.users[key] = state
 
     def evict(self, key: str) -> None:
         """Forget a user's in-memory state (it must have been snapshotted first)."""
-        self.users.pop(key, None)
+        st = self.users.pop(key, None)
         self.dirty.discard(key)
-        self.sandbox.drop_context(key)
+        if st is not None:
+            self.sandbox.free_slot(st.slot)
 
     def context(self, campaign: str, user: str) -> dict[str, Any]:
         """The user's context as plain data ({} when unknown)."""
-        return self.sandbox.get_contexts([user_key(campaign, user)])[0] or {}
+        return self.contexts([user_key(campaign, user)])[0]
 
     def contexts(self, keys: list[str]) -> list[dict[str, Any]]:
-        return [c or {} for c in self.sandbox.get_contexts(keys)]
+        users = self.users
+        slots = [st.slot if (st := users.get(k)) is not None else 0 for k in keys]
+        return [c or {} for c in self.sandbox.get_contexts_of(slots)]
