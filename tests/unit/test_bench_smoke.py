@@ -9,7 +9,7 @@ from playbus.loadtest import bench, bench_engine
 
 
 def test_engine_benchmark_runs_and_reports_every_figure() -> None:
-    out = bench_engine.main(["--events", "2000", "--users", "100", "--memory-users", "200"])
+    out = bench_engine.main(["--events", "2000", "--users", "100", "--memory-users", "2000"])
     for key in ("floor_events_per_s", "floor_table_from_events_per_s", "engine_1_rule_events_per_s",
                 "engine_3_rules_events_per_s", "total_bytes_per_user", "full_window_total_bytes_per_user"):
         assert out[key] > 0, key
