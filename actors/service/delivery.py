@@ -127,6 +127,10 @@ class Deliverer:
         self.concurrency = concurrency
         self.max_inflight = max_inflight
         self.poll_s = poll_s
+        # Due retries are looked for every half backoff step (every outbox's retry set, one script call each):
+        # no sooner is needed, since no retry is due sooner; and rarely when no target is a webhook.
+        webhooks = any(getattr(t, "webhook", None) for t in self.targets.values())
+        self.retry_scan_s = max(poll_s, base_backoff_s / 2) if webhooks else 5.0
         self.claim_idle_s = claim_idle_s if claim_idle_s is not None else 30.0
         if self.claim_idle_s <= 0:
             raise DeliveryError(f"claim_idle_s must be positive, got {claim_idle_s}")
@@ -239,7 +243,7 @@ class Deliverer:
             self._stats["claimed"] += sum(1 for f in fresh if f.claimed)
             self._recovered = True
             if retries:
-                self._next_retry_scan = now + self.poll_s
+                self._next_retry_scan = now + self.retry_scan_s
             if claims:
                 self._next_claim_scan = now + self.claim_idle_s / 2
         new = self.outbox.read_new(self.batch, None if jobs else block_ms)
