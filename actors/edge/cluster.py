@@ -64,6 +64,10 @@ def serve_env(port: int, direct: bool) -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # the range's end is exclusive
         # A stop (or a redeploy) drains the replica this long first; Serve's default is 30 s.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        # A dead replica's port goes back to the pool at once: Serve holds it out for 150 s by default (for an
+        # HAProxy in front, which playbus does not run), and with one port in the range the replica that
+        # replaces a killed one had none: HTTP was down for 150 s (found by the soak).
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
     }
 
 

@@ -678,3 +678,28 @@ def test_malformed_stream_entries_land_in_rejected(playbus: Playbus) -> None:
     assert found[invalid]["event"] == {"id": "stream-invalid", "campaign": CAMPAIGN}
     assert found[no_field]["reason"] == 'entry has neither field "events" nor "event"'
     assert _wait_for(lambda: playbus.context("u-stream-rej") == {"quiz.answered": 1}, 10)
+
+
+def test_a_killed_ingress_replica_is_replaced_on_the_same_port_within_seconds(playbus: Playbus) -> None:
+    """Direct ingress: the replica itself listens on the port. Serve replaces a killed replica; the new one must
+    get the same port back at once (Serve's port quarantine held it out for 150 s)."""
+    import os
+    import signal
+
+    import psutil
+
+    [pid] = [p.pid for p in psutil.process_iter(["cmdline"])
+             if "ray::ServeReplica:playbus:Ingress" in " ".join(p.info["cmdline"] or ())]
+    os.kill(pid, signal.SIGKILL)
+    t = time.monotonic()
+    status = 0
+    while time.monotonic() - t < 45:
+        try:
+            status = playbus.post_events(event("after-kill-1", "u-after-kill")).status
+        except OSError:
+            status = 0
+        if status == 200:
+            break
+        time.sleep(0.5)
+    assert status == 200, f"no 200 within 45 s of the replica's kill (last status {status})"
+    assert playbus.context("u-after-kill") == {"quiz.answered": 1}
