@@ -11,7 +11,7 @@ injects the next fault of a cycle that holds every kind (in an order drawn from 
                  a shard that misses 3 health calls 5 s apart), then SIGCONT
   redis_stall    `CLIENT PAUSE 3000 ALL` on the embedded Redis: every client blocks for 3 s
   redis_oom      Redis refusing writes for 3 s (`CONFIG SET maxmemory` just above what it uses; noeviction)
-  wrong_type     a key a commit writes (a user's journal) holds a string for 3 s: that group's commits fail,
+  wrong_type     a key a commit writes (a group's journal) holds a string for 3 s: that group's commits fail,
                  with nothing written, until it is deleted
   kill_router    SIGKILL of the input router (`ray::_InputRouterActor`) while stream producers write
   kill_delivery  SIGKILL of the delivery actor (`ray::_DeliveryActor`) while webhook actions flow
@@ -86,6 +86,7 @@ LOTTERY = "playbus:actions:lottery"
 WALLET = "playbus:actions:wallet"
 SHARD_TITLE = "ray::_UserActivityActor"
 INGRESS_TITLE = "ray::ServeReplica:playbus:Ingress"
+MAX_STALL_S = 60  # the longest time without an answer that the soak accepts (a stopped shard's restart: ~20 s)
 ROUTER_TITLE = "ray::_InputRouterActor"
 DELIVERY_TITLE = "ray::_DeliveryActor"
 HOSTILE = "hostile"
@@ -618,15 +619,21 @@ class Faults(threading.Thread):
 
         u = self.rng.choice([u for u in self.users if u.n > 0] or self.users)
         key = user_key(CAMPAIGN, u.name)
-        journal = group_prefix(key_group(key, 32)) + "journal:" + key
+        journal = group_prefix(key_group(key, 32)) + "journal"  # the group's journal stream
+        aside = journal + ":soak-aside"
         r = self._redis()
+        moved = False
         try:
-            r.delete(journal)
-            r.set(journal, "not a list")
+            moved = bool(r.exists(journal))
+            if moved:
+                r.rename(journal, aside)  # kept whole: the group's commits fail meanwhile, nothing is written to it
+            r.set(journal, "not a stream")
             self.log(f"FAULT {len(self.done) + 1}: {journal!r} holds a string for 3 s")
             self.stop_flag.wait(3.0)
         finally:
             r.delete(journal)
+            if moved:
+                r.rename(aside, journal)
             r.close()
         rec["key"] = journal
 
@@ -896,6 +903,7 @@ def main(argv: list[str] | None = None) -> int:
     problems: list[str] = []
     info: dict[str, Any] = {}
     sending_s = 0.0
+    longest_stall = 0.0
     rep = StopReport()
     try:
         for pr in producers:
@@ -905,6 +913,7 @@ def main(argv: list[str] | None = None) -> int:
         hostile.start()
         faults.start()
         last_t, last_answered = start, 0
+        last_progress = start  # when the answered count last grew
         while time.monotonic() < end:
             time.sleep(max(0.05, min(args.progress, end - time.monotonic())))
             now = time.monotonic()
@@ -916,6 +925,9 @@ def main(argv: list[str] | None = None) -> int:
                 f" now, {answered / (now - start):,.0f} avg) | requests p50 {req['p50']:.0f} p99 {req['p99']:.0f}"
                 f" ms | duplicates {dup} | failed attempts {fails}, resent chunks {resends} | faults "
                 f"{len(faults.done)}")
+            if answered > last_answered:
+                last_progress = now
+            longest_stall = max(longest_stall, now - last_progress)
             last_t, last_answered = now, answered
         log("load time is up: stopping the producers (each finishes its chunk in flight)")
         stop.set()
@@ -950,6 +962,9 @@ def main(argv: list[str] | None = None) -> int:
                 f.unlink()
             tmp.rmdir()
     checks["clean_stop"] = rep.ok
+    checks["no_stall_over_60s"] = longest_stall <= MAX_STALL_S
+    if not checks["no_stall_over_60s"]:
+        problems.append(f"no_stall_over_60s: no event was answered for {longest_stall:.0f} s")
     if not checks["clean_stop"]:
         problems.append(f"clean_stop: {rep.as_dict()}; output tail:\n{cluster.output(30)}")
     if faults.problems:
@@ -968,6 +983,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": seed, "minutes": args.minutes, "users": args.users, "producers": args.producers,
         "shards": args.shards, "events": total, "sending_s": round(sending_s, 1),
         "events_per_s": round(total / sending_s, 1) if sending_s else 0.0,
+        "longest_stall_s": round(longest_stall, 1),
         "faults": faults.done, "fault_count": len(faults.done),
         "request_latency_ms": {k: round(v, 1) for k, v in req.items() if k != "n"}, "requests": req["n"],
         "request_outcomes": dict(recorder.outcomes),

@@ -39,6 +39,43 @@ async def call_with_retry(handle: Any, method: str, args: Sequence[Any], deadlin
             delay = min(delay * 2, 1.0)
 
 
+def _rebind_at_once() -> None:
+    """Let the ingress replica that replaces a killed one listen on the port at once.
+
+    With direct ingress the replica itself listens on the port, on a socket Ray opens without SO_REUSEADDR
+    (Ray 2.60 passes `enable_so_reuseport=False`), so while the killed replica's connections sit in TIME_WAIT
+    (60 s on Linux) every new replica fails to bind, and Serve blocks the port: HTTP was down for about a minute
+    after a replica kill under load (the soak). This sets SO_REUSEADDR on that socket, which allows binding over
+    TIME_WAIT but never beside a live listener (unlike SO_REUSEPORT, which Ray's flag would also set).
+    Applied when this module is imported, which a replica does before it starts its server; a Ray without these
+    internals is left as it is."""
+    import socket
+
+    try:
+        from ray.serve._private import http_util, replica
+    except ImportError:  # pragma: no cover - another Ray layout: nothing to mend
+        return
+    original = getattr(replica, "start_asgi_http_server", None)
+    if original is None or getattr(original, "_playbus_rebind", False) or not hasattr(http_util,
+                                                                                      "set_socket_reuse_port"):
+        return
+
+    def reuse_address(sock: socket.socket) -> bool:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        return True
+
+    async def start(*args: Any, **kwargs: Any) -> Any:
+        kwargs["enable_so_reuseport"] = True  # read by start_asgi_http_server as "call set_socket_reuse_port"
+        return await original(*args, **kwargs)
+
+    start._playbus_rebind = True  # type: ignore[attr-defined]
+    setattr(http_util, "set_socket_reuse_port", reuse_address)  # noqa: B010 - patching Ray's module on purpose
+    setattr(replica, "start_asgi_http_server", start)  # noqa: B010
+
+
+_rebind_at_once()
+
+
 @serve.deployment(
     max_ongoing_requests=512,
     ray_actor_options={"num_cpus": 0},

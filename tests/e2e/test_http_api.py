@@ -682,7 +682,8 @@ def test_malformed_stream_entries_land_in_rejected(playbus: Playbus) -> None:
 
 def test_a_killed_ingress_replica_is_replaced_on_the_same_port_within_seconds(playbus: Playbus) -> None:
     """Direct ingress: the replica itself listens on the port. Serve replaces a killed replica; the new one must
-    get the same port back at once (Serve's port quarantine held it out for 150 s)."""
+    get the same port back at once (Serve's port quarantine held it out for 150 s, and Ray's socket without
+    SO_REUSEADDR could not bind while the old connections were in TIME_WAIT, 60 s)."""
     import os
     import signal
 
@@ -690,10 +691,18 @@ def test_a_killed_ingress_replica_is_replaced_on_the_same_port_within_seconds(pl
 
     [pid] = [p.pid for p in psutil.process_iter(["cmdline"])
              if "ray::ServeReplica:playbus:Ingress" in " ".join(p.info["cmdline"] or ())]
+    # Keep-alive connections open at the kill: the server side closes them, so they sit in TIME_WAIT on the port.
+    conns = [http.client.HTTPConnection(playbus.host, playbus.port, timeout=10) for _ in range(8)]
+    for c in conns:
+        c.request("GET", "/healthz")
+        c.getresponse().read()
     os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    for c in conns:
+        c.close()
     t = time.monotonic()
     status = 0
-    while time.monotonic() - t < 45:
+    while time.monotonic() - t < 30:
         try:
             status = playbus.post_events(event("after-kill-1", "u-after-kill")).status
         except OSError:
@@ -701,5 +710,5 @@ def test_a_killed_ingress_replica_is_replaced_on_the_same_port_within_seconds(pl
         if status == 200:
             break
         time.sleep(0.5)
-    assert status == 200, f"no 200 within 45 s of the replica's kill (last status {status})"
+    assert status == 200, f"no 200 within 30 s of the replica's kill (last status {status})"
     assert playbus.context("u-after-kill") == {"quiz.answered": 1}
