@@ -775,7 +775,7 @@ def verify(cluster: ClusterProcess, users: list[SoakUser], stream_users: list[So
     cc = Counter(a["id"] for a in cash)
     if any(k > 1 for k in cc.values()):
         bad("cash", f"{sum(k > 1 for k in cc.values())} cash actions landed more than once")
-    by_user = {u.name: u for u in users}
+    by_user = {u.name: u for u in users + stream_users}  # the stream users earn cash too
     spent = 0
     for a in cash:
         amount = a["params"].get("amount_cents")
