@@ -6,6 +6,9 @@ on one commit thread, so commits stay ordered), and answers each caller only aft
 If a commit fails, the batch decided on top of it fails too (its decisions saw state that never landed) and
 both batches' users are forgotten (`core.forget`), so the callers' retries reload them from the store.
 
+A batch whose decide step fails for a reason `recover` cannot mend is decided again caller by caller, so that
+only the caller whose events fail gets the error.
+
 A batch may decide only a first part of its events (`deferred` > 0: its rules used up the batch's time); the
 rest goes back to the front of the queue, in order, and each caller is answered once all its events are.
 
@@ -71,7 +74,7 @@ class _Waiter:
     """A caller's events (or what is left of them), its future, the results of its earlier parts, and the
     waiter of its next part when a batch deferred the rest of its events."""
 
-    __slots__ = ("events", "fut", "offset", "prefix", "rejected", "rest", "since")
+    __slots__ = ("alone", "events", "fut", "offset", "prefix", "rejected", "rest", "since")
 
     def __init__(self, events: list[Any], fut: asyncio.Future[list[dict[str, Any]]],
                  prefix: list[dict[str, Any]] | None = None, since: float | None = None,
@@ -83,6 +86,7 @@ class _Waiter:
         self.rejected = rejected or []  # invalid input entries read with them, for playbus:rejected
         self.rest: _Waiter | None = None
         self.since = time.monotonic() if since is None else since  # when the caller submitted
+        self.alone = False  # decided in a batch of its own (its last batch failed with other callers in it)
 
 
 class MicroBatcher(Generic[B]):
@@ -199,7 +203,8 @@ class MicroBatcher(Generic[B]):
                     await asyncio.sleep(self.max_wait_s)
                 continue
             take, n = [], 0
-            while self._pending and (n == 0 or n + len(self._pending[0].events) <= self.max_events):
+            while self._pending and (n == 0 or not (take[0].alone or self._pending[0].alone)
+                                     and n + len(self._pending[0].events) <= self.max_events):
                 item = self._pending.pop(0)
                 take.append(item)
                 n += len(item.events)
@@ -252,6 +257,15 @@ class MicroBatcher(Generic[B]):
                 except Exception as e:  # noqa: BLE001 - recovering failed too: fail the batch with that
                     error = e
             if not retry:
+                if len(take) > 1:
+                    # One caller's events may be what fails (a bug the input triggers): decide each caller
+                    # alone, in order, so that the others are answered and only the failing one gets the error.
+                    log.warning("batch of %d callers failed (%s): deciding each alone", len(take), error)
+                    for w in take:
+                        w.alone = True
+                    self._pending[:0] = take
+                    self.queued += len(events)
+                    return None
                 self._fail(take, error)
                 return None
         self._fail(take, BatcherError(f"the batch could not be decided in {self.prepare_attempts} attempts"))

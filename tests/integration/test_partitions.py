@@ -229,6 +229,32 @@ def test_a_rejection_record_of_a_huge_entry_stays_valid_json() -> None:
     assert small == {"entry": "1-0", "partition": None, "event": {"id": "x"}, "reason": "why"}
 
 
+def test_a_poison_entry_that_fails_its_whole_micro_batch_takes_no_other_partitions_entries_with_it(
+        config: Config, redis_server: RedisServer, clean_redis: Any) -> None:
+    users = [f"q{i}" for i in range(16)]
+    producer = StreamProducer(clean_redis, key_groups=KG, batch=50)
+    producer.send_many([tick(u, 1) for u in users])
+    producer.send_many([tick("q3", 2, eid="poison")])
+    producer.send_many([tick(u, s) for s in (2, 3) for u in users if u != "q3"] + [tick("q3", 2), tick("q3", 3)])
+
+    def wrap(shard: Shard) -> Callable[..., Any]:
+        real = shard.core.prepare
+
+        def prepare(events: list[Any], now_ms: int | None = None) -> Any:
+            if any(e.id == "poison" for e in events):
+                raise ValueError("the engine chokes on this event")  # fails the whole micro-batch
+            return real(events, now_ms)
+
+        shard.core.prepare = prepare  # type: ignore[method-assign]
+        return shard.batcher.submit
+
+    run_shards(config, redis_server.url, lambda: all(c.get("n") == 3 for c in contexts(clean_redis, config,
+                                                                                       users).values()), wrap=wrap)
+    assert all(c == {"n": 3, "last": 3} for c in contexts(clean_redis, config, users).values())
+    records = [json.loads(f[b"rejected"]) for _, f in clean_redis.xrange(REJECTED_STREAM)]
+    assert [r["reason"].split(":")[0] for r in records] == ["processing failed 3 times"]  # the poison alone
+
+
 def test_a_poison_entry_is_rejected_after_three_failures_and_the_entries_behind_it_go_on(
         config: Config, redis_server: RedisServer, clean_redis: Any) -> None:
     users = [f"p{i}" for i in range(8)]

@@ -145,6 +145,25 @@ def test_a_failed_prepare_fails_its_callers_only_and_the_next_batch_commits() ->
     assert core.committed == [["e2"]]
 
 
+def test_when_a_batch_of_several_callers_fails_each_is_decided_alone_and_only_the_failing_one_gets_the_error(
+        ) -> None:
+    core = FakeCore()
+    core.fail_prepare = {"e3"}  # a bug that one caller's event triggers
+
+    async def main() -> list[Any]:
+        b = MicroBatcher(core, max_events=100, max_wait_s=0.01)
+        return await asyncio.gather(b.submit([ev(1), ev(2, "u2")]), b.submit([ev(3, "u3")]),
+                                    b.submit([ev(4), ev(5, "u5")]), return_exceptions=True)
+
+    first, bad, last = run(main())
+    assert [r["id"] for r in first] == ["e1", "e2"] and [r["id"] for r in last] == ["e4", "e5"]
+    assert isinstance(bad, RuntimeError) and "decide failed" in str(bad)
+    assert [[e["id"] for e in p] for p in core.prepared] == [["e1", "e2", "e3", "e4", "e5"], ["e1", "e2"],
+                                                              ["e3"], ["e4", "e5"]]  # alone, in order
+    assert core.committed == [["e1", "e2"], ["e4", "e5"]]
+    assert {"u1", "u2", "u3", "u5"} <= core.forgotten[0]  # the failed batch left no trace
+
+
 def test_a_failed_commit_fails_the_batch_decided_on_top_of_it_and_forgets_both_batches_users() -> None:
     core = FakeCore()
     core.fail_commit = {"e1"}
