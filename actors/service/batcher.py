@@ -202,7 +202,8 @@ class MicroBatcher(Generic[B]):
                 if self.queued < self.max_events and self.max_wait_s > 0:
                     await asyncio.sleep(self.max_wait_s)
                 continue
-            take, n = [], 0
+            take: list[_Waiter] = []
+            n = 0
             while self._pending and (n == 0 or not (take[0].alone or self._pending[0].alone)
                                      and n + len(self._pending[0].events) <= self.max_events):
                 item = self._pending.pop(0)
