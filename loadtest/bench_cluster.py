@@ -39,18 +39,12 @@ from typing import Any
 
 import msgpack
 
+from playbus.loadtest.bench_engine import FIRST_QUIZ, T0, TEN_KEYS  # T0: 2026-01-21, in the campaign
 from playbus.loadtest.cpu import CpuMeter
 from playbus.loadtest.stats import percentile
 
 __all__ = ["BENCH_CONFIG", "ClusterBench", "PathResult", "main"]
 
-T0 = 1769000000000  # 2026-01-21, inside the campaign window
-FIRST_QUIZ = """
-function decide(event, ctx)
-  local n = ctx:incr("quiz.answered", 1)
-  if n == 1 then emit("lottery.grant_chance", {chances = 1}) end
-end
-"""
 BENCH_CONFIG = """
 shards: {shards}
 key_groups: 128
@@ -66,12 +60,7 @@ campaigns:
       - {{id: first_quiz_lottery, on: quiz.answered, script: first_quiz_lottery.lua, emits: [lottery.grant_chance]}}
       - {{id: ten_keys, on: bench.fill, script: ten_keys.lua}}
 """
-# The memory measurement: one event a user gives its context 10 keys.
-TEN_KEYS = """
-function decide(event, ctx)
-  for i = 1, 10 do ctx:set("game" .. i .. ".value", i * 1000) end
-end
-"""
+# The memory measurement: one event a user gives its context 10 keys (TEN_KEYS).
 # The baseline: dedup by id, count, emit on the first answer; EVALSHA per event.
 REDIS_DECISION = """
 if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
