@@ -77,13 +77,17 @@ def test_with_appendfsync_always_every_commit_is_fsynced_before_its_reply(probe:
     assert all(fsynced_inside(w, calls) for w in windows)
 
 
-def test_with_appendfsync_everysec_a_commit_is_answered_before_its_fsync_which_follows_within_two_seconds(
+def test_with_appendfsync_everysec_a_commit_is_answered_before_its_fsync_which_follows_within_seconds(
         probe: Path, config: Config, tmp_path: Path) -> None:
     log = tmp_path / "fsync.log"
     with RedisServer(tmp_path / "redis", appendfsync="everysec",
                      env={"LD_PRELOAD": str(probe), "FSYNC_LOG": str(log)}) as server:
         windows = commit_windows(server, config, 6)
-        time.sleep(2.0)
-        calls = fsyncs(log)
+        deadline = time.monotonic() + 5.0  # "everysec": about a second, later on a loaded machine
+        while True:
+            time.sleep(0.2)
+            calls = fsyncs(log)
+            if any(start >= windows[-1][1] for start, _ in calls) or time.monotonic() > deadline:
+                break
     assert sum(fsynced_inside(w, calls) for w in windows) <= 1  # the background fsync may fall in one, by chance
-    assert any(start >= windows[-1][1] for start, _ in calls), "no fsync in the two seconds after the commits"
+    assert any(start >= windows[-1][1] for start, _ in calls), "no fsync in the five seconds after the commits"
