@@ -133,6 +133,10 @@ def render_table(res: dict[str, Any]) -> str:
         sn = cl["serve_noop"]
         lines.append(f"| Serve alone (a 404 from the ingress) | 4 clients | {sn['requests_per_s']:,.0f} requests/s "
                      f"| | | | {sn['p50']:.1f} / {sn['p99']:.1f} |")
+        sp = cl.get("serve_noop_proxy")
+        if sp:
+            lines.append(f"| Serve's proxy (`--serve-proxy`), the same 404 | 4 clients | "
+                         f"{sp['requests_per_s']:,.0f} requests/s | | | | {sp['p50']:.1f} / {sp['p99']:.1f} |")
         lines.append(f"| one Ray actor call per event (2nd baseline) | all in flight | "
                      f"{cl['actor_per_event_events_per_s']:,.0f} | | | | |")
         mem = cl["memory"]
@@ -222,9 +226,11 @@ def plot(res: dict[str, Any], out: Path) -> list[Path]:
         labels.append("http, 1 event\n50 req/s")
         p50.append(cl["http_single"]["p50"])
         p99.append(cl["http_single"]["p99"])
-        labels.append("serve 404")
-        p50.append(cl["serve_noop"]["p50"])
-        p99.append(cl["serve_noop"]["p99"])
+        for label, key in (("serve 404", "serve_noop"), ("serve 404\nvia proxy", "serve_noop_proxy")):
+            if key in cl:
+                labels.append(label)
+                p50.append(cl[key]["p50"])
+                p99.append(cl[key]["p99"])
     xs = range(len(labels))
     ax.bar([x - 0.2 for x in xs], p50, width=0.4, label="p50")
     ax.bar([x + 0.2 for x in xs], p99, width=0.4, label="p99")

@@ -17,7 +17,8 @@ Paths (events/s from the first event sent to the last one committed, with its ac
   stream-in   XADD playbus:in, one event an entry (what a simple producer does), routed into the partitions
   http        POST /v1/events through Ray Serve, B events a request (msgpack), 4 clients
   http-1      one event a request at a fixed rate (open loop): latency percentiles
-  serve-noop  requests the ingress answers without a shard (Serve's own cost per request on this machine)
+  serve-noop  requests the ingress answers without a shard (Serve's own cost per request on this machine), on
+              the direct road and, in a second cluster, through Serve's proxy (run_cluster --serve-proxy)
   actor-call  a second baseline: one Ray actor call per event (a no-op method)
 with the CPU each process group spends per event (cpu.py).
 """
@@ -100,8 +101,10 @@ class ClusterBench:
     """A whole playbus started in this process, and the paths and baselines measured against it."""
 
     def __init__(self, workdir: Path, shards: int = 2, users: int = 10_000, rounds: int = 3,
-                 progress: Callable[[str], None] = print) -> None:
+                 progress: Callable[[str], None] = print, serve_proxy: bool = False, warm: bool = True) -> None:
         self.workdir = workdir
+        self.serve_proxy = serve_proxy  # HTTP through Serve's proxy actor (run_cluster --serve-proxy)
+        self.warm = warm
         self.shards_n = shards
         self.users = users
         self.rounds = rounds
@@ -112,7 +115,7 @@ class ClusterBench:
     # -- set-up ------------------------------------------------------------------------------------
     def __enter__(self) -> ClusterBench:
         from playbus.actors.edge.cluster import Cluster
-        from playbus.loadtest.launcher import free_port
+        from playbus.actors.store.server import free_port
 
         (self.workdir / "first_quiz_lottery.lua").write_text(FIRST_QUIZ)
         (self.workdir / "ten_keys.lua").write_text(TEN_KEYS)
@@ -121,7 +124,7 @@ class ClusterBench:
         self.port = free_port()
         args = argparse.Namespace(config=str(config), port=self.port, host="127.0.0.1", redis=None,
                                   redis_dir=str(self.workdir / "redis"), address=None, shards=None,
-                                  log_level="WARNING")
+                                  log_level="WARNING", serve_proxy=self.serve_proxy)
         self.cluster = Cluster(args)
         self.url = self.cluster.start()
         import redis
@@ -132,6 +135,8 @@ class ClusterBench:
         self.meter = CpuMeter([self.cluster.redis_server.proc.pid])
         self._lua = self.r.register_script(REDIS_DECISION)
         self._lua(keys=["b:seen:x", "b:ctx:x", "b:out"], args=["warm", "{}"])
+        if not self.warm:
+            return self
         self.say(f"warming up: {self.users:,} users through every path")
         self.run_shards(events(self.users, self.users, "warm-s"), 500)
         self.run_stream(events(self.users, self.users, "warm-p"), 500)
@@ -241,21 +246,23 @@ class ClusterBench:
         self._wait_committed(target)
         return len(evs) / (time.perf_counter() - t)
 
-    def _http(self, evs: list[dict[str, Any]], per_request: int, clients: int,
-              path: str = "/v1/events") -> tuple[float, list[float]]:
+    def _post_all(self, path: str, bodies: list[bytes], clients: int, expect: int,
+                  content_type: str = "application/msgpack") -> tuple[float, list[float]]:
+        """POST every body to `path` from `clients` closed-loop clients (each sends its next body once answered;
+        any other status than `expect` fails the run): (seconds, latencies in ms)."""
         import aiohttp
 
-        bodies = [msgpack.packb(evs[i:i + per_request]) for i in range(0, len(evs), per_request)]
         lat: list[float] = []
         url = self.url + path
+        headers = {"content-type": content_type}
 
         async def client(session: aiohttp.ClientSession, queue: list[bytes]) -> None:
             while queue:
                 body = queue.pop()
                 t = time.perf_counter()
-                async with session.post(url, data=body, headers={"content-type": "application/msgpack"}) as resp:
+                async with session.post(url, data=body, headers=headers) as resp:
                     await resp.read()
-                    if resp.status != 200:
+                    if resp.status != expect:
                         raise AssertionError(f"POST {path}: {resp.status}")
                 lat.append((time.perf_counter() - t) * 1000)
 
@@ -264,9 +271,15 @@ class ClusterBench:
             async with aiohttp.ClientSession() as session:
                 t = time.perf_counter()
                 await asyncio.gather(*(client(session, queue) for _ in range(clients)))
-                return len(evs) / (time.perf_counter() - t)
+                return time.perf_counter() - t
 
         return asyncio.run(drive()), lat
+
+    def _http(self, evs: list[dict[str, Any]], per_request: int, clients: int) -> tuple[float, list[float]]:
+        """POST /v1/events, `per_request` events a request (msgpack): events/s and request latencies."""
+        bodies = [msgpack.packb(evs[i:i + per_request]) for i in range(0, len(evs), per_request)]
+        seconds, lat = self._post_all("/v1/events", bodies, clients, 200)
+        return len(evs) / seconds, lat
 
     def http_single(self, rate: float, seconds: float) -> dict[str, float]:
         """One JSON event a request at `rate` requests/s for `seconds` (open loop: requests leave on schedule,
@@ -299,33 +312,11 @@ class ClusterBench:
 
     def serve_noop(self, requests: int, clients: int) -> dict[str, float]:
         """Serve's own cost per request: a request the ingress answers without a shard (an unknown path, 404),
-        on the same road as the events (the ingress replica's own HTTP server): requests/s and latency."""
-        import aiohttp
-
-        lat: list[float] = []
-        url = self.url + "/v1/bench-noop"
-
-        async def client(session: aiohttp.ClientSession, left: list[int]) -> None:
-            while left:
-                left.pop()
-                t = time.perf_counter()
-                async with session.post(url, data=b"{}") as resp:
-                    await resp.read()
-                    if resp.status != 404:
-                        raise AssertionError(f"POST /v1/bench-noop: {resp.status}")
-                lat.append((time.perf_counter() - t) * 1000)
-
-        async def drive(n: int) -> float:
-            left = list(range(n))
-            async with aiohttp.ClientSession() as session:
-                t = time.perf_counter()
-                await asyncio.gather(*(client(session, left) for _ in range(clients)))
-                return n / (time.perf_counter() - t)
-
-        asyncio.run(drive(200))
-        lat.clear()
-        rps = asyncio.run(drive(requests))
-        return {"requests_per_s": rps, "p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99)}
+        on the same road as the events (the ingress replica's own HTTP server, or Serve's proxy with
+        --serve-proxy): requests/s and latency."""
+        self._post_all("/v1/bench-noop", [b"{}"] * 200, clients, 404, "application/json")  # warm up
+        seconds, lat = self._post_all("/v1/bench-noop", [b"{}"] * requests, clients, 404, "application/json")
+        return {"requests_per_s": requests / seconds, "p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99)}
 
     # -- memory and recovery ---------------------------------------------------------------------------
     def shard_rss(self) -> int:
@@ -462,6 +453,12 @@ def run(quick: bool = False, users: int = 10_000, rounds: int = 3, memory_users:
         rec = out["recovery"] = b.recovery(0)
         progress(f"  recovery   shard 0 reloads {rec['users']:,} users from Redis in {rec['seconds']:.1f} s "
                  f"({rec['users_per_s']:,.0f} users/s)")
+    progress("  the same 404 through Serve's proxy (run_cluster --serve-proxy): a second cluster ...")
+    with tempfile.TemporaryDirectory(prefix="playbus-bench-proxy-") as d, \
+            ClusterBench(Path(d), users=users, progress=progress, serve_proxy=True, warm=False) as b:
+        sp = out["serve_noop_proxy"] = b.serve_noop(300 if quick else 1000, 4)
+    progress(f"  serve-proxy {sp['requests_per_s']:>8,.0f} requests/s  p50 {sp['p50']:.1f} ms p99 {sp['p99']:.1f} ms "
+             f"({out['serve_noop']['requests_per_s'] / sp['requests_per_s']:.0f}x fewer than the direct road)")
     return out
 
 

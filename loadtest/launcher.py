@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from playbus.actors.store.server import free_port
 
 __all__ = ["ROOT", "ClusterProcess", "ClusterStartError", "StopReport", "free_port", "http_get"]
 
@@ -46,12 +47,6 @@ _REDIS = re.compile(r"^playbus: embedded redis-server at (redis://\S+)")
 
 class ClusterStartError(RuntimeError):
     """run_cluster.py did not come up (everything it started has been killed)."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_get(host: str, port: int, path: str, timeout: float = 10) -> tuple[int, bytes]:

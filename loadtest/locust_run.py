@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from playbus.actors.engine.keys import group_prefix
+from playbus.actors.store.commit import REJECTED_STREAM
+from playbus.client.streams import LAYOUT_KEY, partition_stream
 from playbus.loadtest.launcher import ROOT, ClusterProcess, ClusterStartError
 
 __all__ = ["LOCUSTFILE", "aggregated", "locust_command", "main", "parse_run_time", "read_stats"]
@@ -44,8 +47,6 @@ CSV_PREFIX = "locust"
 HTML_NAME = "report.html"
 STREAM_USER = "StreamProducerUser"
 HTTP_USERS = ("QuizUser", "TaskUser", "CheckinUser", "AssistUser", "TeamUser")  # loadtest/locustfile.py
-LAYOUT_KEY = "playbus:{meta}:layout"
-REJECTED_STREAM = "playbus:rejected"
 
 
 def parse_run_time(text: str) -> float:
@@ -134,8 +135,8 @@ def stream_backlog(redis_url: str) -> tuple[int, int]:
         kg = int(r.hget(LAYOUT_KEY, "key_groups") or 0)
         pipe = r.pipeline(transaction=False)
         for g in range(kg):
-            pipe.xrevrange(f"playbus:{{kg{g}}}:in", count=1)
-            pipe.get(f"playbus:{{kg{g}}}:offset")
+            pipe.xrevrange(partition_stream(g), count=1)
+            pipe.get(group_prefix(g) + "offset")
         replies = pipe.execute()
         behind = sum(1 for last, offset in zip(replies[::2], replies[1::2], strict=True)
                      if last and last[0][0] != offset)

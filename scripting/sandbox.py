@@ -66,9 +66,8 @@ class Sandbox:
         self._api = self._lua.execute(source, hooks, max_memory_kb, self.max_cpu_ms / 1000, max_context_kb * 1024,
                                       disable_after)
         self._next_handle = 1
-        # Contexts live in Lua under small integers (a slot per user key): cheaper to pass and to look up per
-        # event than the keys, and a dense array in Lua. A dropped key's slot is reused.
-        self._slots: dict[str, int] = {}
+        # Contexts live in Lua under small integers (a slot per user): cheaper to pass and to look up per event
+        # than the keys, and a dense array in Lua. A freed slot is reused.
         self._free: list[int] = []
         self._top = 0  # the highest slot given out
         self._run_batch = self._api.run_batch
@@ -132,8 +131,7 @@ class Sandbox:
         return [(r, why) for r, why in msgpack.unpackb(self._api.disabled_rules(), raw=False)]
 
     # -- contexts ----------------------------------------------------------------------------------
-    # The engine names contexts by slot (UserState.slot) and keeps no key here: new_slot, free_slot and the
-    # *_at/*_of methods. The keyed methods (slot(key), get_contexts(keys), ...) serve tools and tests.
+    # Contexts are named by slot: the engine keeps each user's (UserState.slot), nothing here maps keys.
     def new_slot(self) -> int:
         """A free slot (with no context): what run_batch's columns name."""
         if self._free:
@@ -146,50 +144,23 @@ class Sandbox:
         self._api.drop_context(slot)
         self._free.append(slot)
 
-    def get_contexts_of(self, slots: list[int]) -> list[dict[str, Any] | None]:
+    def get_contexts(self, slots: list[int]) -> list[dict[str, Any] | None]:
         """The contexts in these slots (None where a slot has none; slot 0 is never used)."""
         if not slots:
             return []
         blob = self._api.get_contexts(self._table_from(slots), len(slots))
         return [c if c is not False else None for c in msgpack.unpackb(blob, raw=False, strict_map_key=False)]
 
-    def get_context_blobs_of(self, slots: list[int]) -> list[bytes | None]:
+    def get_context_blobs(self, slots: list[int]) -> list[bytes | None]:
         """The contexts in these slots as msgpack bytes, for snapshots."""
         if not slots:
             return []
         blob = self._api.get_context_blobs(self._table_from(slots), len(slots))
         return [b if b is not False else None for b in msgpack.unpackb(blob, raw=False)]
 
-    def load_context_at(self, slot: int, context: dict[str, Any] | bytes) -> None:
+    def load_context(self, slot: int, context: dict[str, Any] | bytes) -> None:
         """Set the context in a slot (plain data or msgpack bytes of a map)."""
         self._api.load_context(slot, context if isinstance(context, bytes) else msgpack.packb(context))
-
-    def slot(self, key: str) -> int:
-        """The slot of a user key's context, given one (empty) if it has none."""
-        slot = self._slots.get(key)
-        if slot is None:
-            slot = self._slots[key] = self.new_slot()
-        return slot
-
-    def get_contexts(self, keys: list[str]) -> list[dict[str, Any] | None]:
-        """The contexts of these user keys (None where the user has none in memory)."""
-        return self.get_contexts_of([self._slots.get(k, 0) for k in keys])
-
-    def get_context_blobs(self, keys: list[str]) -> list[bytes | None]:
-        """The contexts of these user keys as msgpack bytes, for snapshots."""
-        return self.get_context_blobs_of([self._slots.get(k, 0) for k in keys])
-
-    def load_context(self, key: str, context: dict[str, Any] | bytes) -> int:
-        """Set a user's context (plain data or msgpack bytes of a map); returns its slot."""
-        slot = self.slot(key)
-        self.load_context_at(slot, context)
-        return slot
-
-    def drop_context(self, key: str) -> None:
-        """Forget a user's context (and its slot)."""
-        slot = self._slots.pop(key, None)
-        if slot is not None:
-            self.free_slot(slot)
 
     def memory_kb(self) -> float:
         """Live Lua memory in KiB after a full collection."""

@@ -42,14 +42,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def serve_env(port: int, direct: bool) -> dict[str, str]:
     """Environment of the Serve processes. Direct ingress (Ray >= 2.56): the ingress replica itself listens on
     `port` (its port range is that one port), no proxy actor in the request path; with Serve's throughput
@@ -142,9 +134,11 @@ class Cluster:
         self.router = InputRouterActor.options(name="playbus-router").remote(config, redis_url)
         ray.get(self.router.start.remote())
         if direct:
+            from playbus.actors.store.server import free_port
+
             # The ingress replica listens on the port itself. Serve still starts its proxy (on the head node
             # only): it gets a free port of its own, and no traffic.
-            serve.start(proxy_location="HeadOnly", http_options={"host": self.args.host, "port": _free_port()})
+            serve.start(proxy_location="HeadOnly", http_options={"host": self.args.host, "port": free_port()})
         else:
             serve.start(http_options={"host": self.args.host, "port": self.args.port})
         self.serve_started = True

@@ -168,7 +168,10 @@ class _UserActivityActor:
         """Stop reading, let queued batches commit, give budget leases back."""
         if self._reader_stop is not None and self._reader_task is not None:
             self._reader_stop.set()
-            await asyncio.wait_for(self._reader_task, 30)
+            try:
+                await asyncio.wait_for(self._reader_task, 30)
+            except Exception as e:  # noqa: BLE001 - a reader that died or hangs must not keep the batches back
+                log.warning("shard %d: the partition reader did not stop cleanly: %r", self.core.shard, e)
         await self.batcher.drain()
         self.core.close()
 

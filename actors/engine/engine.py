@@ -56,7 +56,7 @@ def _applied_before(events: list[Any], results: list[dict[str, Any]], upto: int,
             ev = check_event(raw, now_ms)[0]
             assert ev is not None  # it was applied
             campaign, user = ev.campaign, ev.user
-        out.setdefault((f"{campaign}\x00{user}", res["id"]), res)
+        out.setdefault((user_key(campaign, user), res["id"]), res)
     return out
 
 
@@ -229,7 +229,7 @@ class ShardEngine:
                 results[idx] = {"id": eid, "status": "rejected", "actions": [],
                                 "errors": [f"campaign: unknown campaign {campaign!r}"]}
                 continue
-            key = f"{campaign}\x00{user}"
+            key = f"{campaign}\x00{user}"  # = keys.user_key
             st = users.get(key)
             if st is None:
                 st = users[key] = UserState(slot=self.sandbox.new_slot())
@@ -361,7 +361,7 @@ class ShardEngine:
         """Give every user these events touch who is not in memory yet this starting context (dry runs)."""
         for key in self.missing(events):
             self.restore(key, None)
-            self.sandbox.load_context_at(self.users[key].slot, context)
+            self.sandbox.load_context(self.users[key].slot, context)
 
     def take_dirty(self) -> set[str]:
         """The users changed since the last call (and forget them)."""
@@ -374,7 +374,7 @@ class ShardEngine:
             keys = self.take_dirty()
         users = self.users
         states = [(k, users[k]) for k in keys if k in users]
-        blobs = self.sandbox.get_context_blobs_of([st.slot for _, st in states])
+        blobs = self.sandbox.get_context_blobs([st.slot for _, st in states])
         return {k: encode_snapshot(st, b) for (k, st), b in zip(states, blobs, strict=False)}
 
     def restore(self, key: str, blob: bytes | None) -> None:
@@ -391,7 +391,7 @@ class ShardEngine:
             state.caps = camp.caps.migrate(state.caps) if camp is not None else None
         state.slot = self.sandbox.new_slot()
         if context is not None:
-            self.sandbox.load_context_at(state.slot, context)
+            self.sandbox.load_context(state.slot, context)
         self.users[key] = state
 
     def evict(self, key: str) -> None:
@@ -408,4 +408,4 @@ class ShardEngine:
     def contexts(self, keys: list[str]) -> list[dict[str, Any]]:
         users = self.users
         slots = [st.slot if (st := users.get(k)) is not None else 0 for k in keys]
-        return [c or {} for c in self.sandbox.get_contexts_of(slots)]
+        return [c or {} for c in self.sandbox.get_contexts(slots)]

@@ -10,13 +10,15 @@ plain dicts (the dry runs, the tests) take `check_event`'s slower path, with the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, NamedTuple
 
 import msgpack
 import msgspec
 
 __all__ = ["MAX_DATA_BYTES", "Event", "EventIn", "Rejected", "check_event", "decode_event_raw", "decode_events",
-           "decode_json_events", "encode_event", "encode_events", "msgpack_array"]
+           "decode_json_events", "encode_event", "encode_events", "is_msgpack_array", "is_msgpack_map",
+           "msgpack_array"]
 
 MAX_DATA_BYTES = 16 * 1024
 MAX_ID = 128
@@ -83,6 +85,16 @@ _dec_json_raws = msgspec.json.Decoder(list[msgspec.Raw])
 _dec_json_any = msgspec.json.Decoder()
 
 
+def is_msgpack_map(raw: bytes | memoryview) -> bool:
+    """Whether msgpack bytes start a map (fixmap, map16, map32)."""
+    return bool(raw[:1]) and (0x80 <= raw[0] <= 0x8F or raw[0] in (0xDE, 0xDF))
+
+
+def is_msgpack_array(raw: bytes | memoryview) -> bool:
+    """Whether msgpack bytes start an array (fixarray, array16, array32)."""
+    return bool(raw[:1]) and (0x90 <= raw[0] <= 0x9F or raw[0] in (0xDC, 0xDD))
+
+
 def encode_events(events: list[EventIn]) -> bytes:
     """A msgpack array of events (their data embedded as it is)."""
     return _encode(events)
@@ -104,7 +116,7 @@ def msgpack_array(items: list[bytes]) -> bytes:
 
 def decode_event_raw(raw: bytes) -> EventIn | None:
     """One valid msgpack event (a map), or None when it is anything else (then `decode_events` says why)."""
-    if not raw[:1] or not (0x80 <= raw[0] <= 0x8F or raw[0] in (0xDE, 0xDF)):
+    if not is_msgpack_map(raw):
         return None
     try:
         e: EventIn = _dec_one.decode(raw)
@@ -118,8 +130,7 @@ def _data_problem(raw: msgspec.Raw | bytes) -> str:
     data = memoryview(raw)
     if not len(data) or data[0] == 0xC0:  # absent, or nil
         return ""
-    first = data[0]
-    if not (0x80 <= first <= 0x8F or first in (0xDE, 0xDF)):
+    if not is_msgpack_map(data):
         return "data: expected an object"
     if len(data) > MAX_DATA_BYTES:
         return f"data: {len(data)} bytes encoded, at most {MAX_DATA_BYTES} allowed"
@@ -133,17 +144,21 @@ def _reject(raw: Any, fallback: str) -> Rejected:
     return Rejected(rid if type(rid) is str else None, reason, raw)
 
 
+def _decode_all(body: bytes, array: bool, batch: Any, raws: Any, one: Callable[[msgspec.Raw], Any]) -> list[Any]:
+    """One event or an array of them, in one call when every event is valid, else event by event (`one`), so
+    that a bad one is rejected alone with a reason."""
+    if not array:
+        return [one(msgspec.Raw(body))]
+    try:
+        return list(batch.decode(body))
+    except msgspec.ValidationError:
+        return [one(raw) for raw in raws.decode(body)]
+
+
 def decode_events(body: bytes) -> list[EventIn | Rejected]:
     """The events of a msgpack body (one event, or an array of them), in order, each valid or rejected.
     Raises msgspec.DecodeError when the body is not msgpack at all."""
-    first = body[:1]
-    if first and (0x90 <= first[0] <= 0x9F or first[0] in (0xDC, 0xDD)):
-        try:
-            events: list[EventIn | Rejected] = list(_dec_batch.decode(body))
-        except msgspec.ValidationError:
-            events = [_one(raw) for raw in _dec_raws.decode(body)]
-    else:
-        events = [_one(msgspec.Raw(body))]
+    events: list[EventIn | Rejected] = _decode_all(body, is_msgpack_array(body), _dec_batch, _dec_raws, _one)
     for i, e in enumerate(events):
         if type(e) is EventIn:
             problem = _data_problem(e.data)
@@ -162,20 +177,8 @@ def _one(raw: msgspec.Raw) -> EventIn | Rejected:
 def decode_json_events(body: bytes) -> list[EventIn | Rejected]:
     """The events of a JSON body (one event, or an array of them), in order, each valid or rejected.
     Raises msgspec.DecodeError when the body is not JSON at all."""
-    if body.lstrip()[:1] == b"[":
-        try:
-            parsed: list[_EventJson | Rejected] = list(_dec_json_batch.decode(body))
-        except msgspec.ValidationError:
-            parsed = [_one_json(raw) for raw in _dec_json_raws.decode(body)]
-    else:
-        parsed = [_one_json(msgspec.Raw(body))]
-    out: list[EventIn | Rejected] = []
-    for e in parsed:
-        if type(e) is _EventJson:
-            out.append(_from_json(e))
-        else:
-            out.append(e)  # type: ignore[arg-type]
-    return out
+    parsed = _decode_all(body, body.lstrip()[:1] == b"[", _dec_json_batch, _dec_json_raws, _one_json)
+    return [_from_json(e) if type(e) is _EventJson else e for e in parsed]
 
 
 def _one_json(raw: msgspec.Raw) -> _EventJson | Rejected:
@@ -258,11 +261,9 @@ def _check_slow(raw: Any, now_ms: int) -> tuple[Event | None, str]:
         return None, f"ts: expected milliseconds since the epoch as a non-negative integer, got {_show(ts)}"
     data = raw.get("data")
     blob: bytes | bool = False
-    if data is None:
-        pass
-    elif type(data) is not dict:
+    if data is not None and type(data) is not dict:
         return None, f"data: expected an object, got {type(data).__name__}"
-    elif data:
+    if data:
         try:
             packed: bytes = _pack(data)
         except (TypeError, ValueError, OverflowError) as e:

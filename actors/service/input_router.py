@@ -24,8 +24,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from playbus.actors.engine.events import EventIn, Rejected, decode_event_raw, encode_event, msgpack_array
-from playbus.actors.engine.keys import group_prefix, key_group
-from playbus.actors.service.partition_reader import decode_entry, rejection
+from playbus.actors.engine.keys import group_prefix, key_group, user_key
+from playbus.actors.service.partition_reader import MAX_EVENT, decode_entry, rejection, rejection_of
 from playbus.actors.store.commit import REJECTED_STREAM
 
 __all__ = ["IN_OFFSET", "IN_STREAM", "REJECTED_STREAM", "InputRouter", "next_id"]
@@ -34,7 +34,6 @@ log = logging.getLogger("playbus.router")
 IN_STREAM = "playbus:in"
 IN_OFFSET = "playbus:in:offset"
 LEGACY_GROUP = "playbus"  # the consumer group routers used to read with
-MAX_EVENT = 64 * 1024  # one event of playbus:in (as decode_entry)
 
 
 def next_id(entry_id: bytes) -> bytes:
@@ -97,7 +96,7 @@ class InputRouter:
             if len(flat) == 2 and flat[0] == b"event" and len(flat[1]) <= MAX_EVENT:
                 ev = decode_event_raw(flat[1])
                 if ev is not None:
-                    kg = key_group(f"{ev.campaign}\x00{ev.user}", n)
+                    kg = key_group(user_key(ev.campaign, ev.user), n)
                     group = by_group.get(kg)
                     if group is None:
                         by_group[kg] = [flat[1]]
@@ -112,11 +111,10 @@ class InputRouter:
                 continue
             for e in events:
                 if type(e) is Rejected:
-                    rejected.append(rejection(entry_id.decode(), None, e.raw if e.raw is not None else {"id": e.id},
-                                              e.reason))
+                    rejected.append(rejection_of(entry_id.decode(), None, e))
                     continue
                 assert type(e) is EventIn
-                by_group.setdefault(key_group(f"{e.campaign}\x00{e.user}", n), []).append(encode_event(e))
+                by_group.setdefault(key_group(user_key(e.campaign, e.user), n), []).append(encode_event(e))
                 routed += 1
         last = entries[-1][0]
         pipe = self.client.pipeline(transaction=True)

@@ -27,14 +27,23 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from playbus.actors.engine.errors import PlaybusError
-from playbus.actors.engine.events import EventIn, Rejected, decode_events, decode_json_events
-from playbus.actors.engine.keys import group_prefix, key_group
+from playbus.actors.engine.events import (
+    EventIn,
+    Rejected,
+    decode_events,
+    decode_json_events,
+    is_msgpack_array,
+    is_msgpack_map,
+)
+from playbus.actors.engine.keys import group_prefix, key_group, user_key
 
-__all__ = ["POISON_AFTER", "PartitionReader", "decode_entry", "is_transient", "rejection"]
+__all__ = ["MAX_EVENT", "POISON_AFTER", "PartitionReader", "decode_entry", "is_transient", "rejection",
+           "rejection_of"]
 
 log = logging.getLogger("playbus.partitions")
 POISON_AFTER = 3
 MAX_REJECTION = 262_144  # bytes of one playbus:rejected record
+MAX_EVENT = 64 * 1024  # one event in an entry's field "event"
 MAX_ENTRY = 20 * 1024 * 1024  # one entry: up to a record batch of 1000 events of 16 KiB data
 Submit = Callable[[list[Any], tuple[int, str], list[bytes]], Awaitable[list[dict[str, Any]]]]
 
@@ -59,6 +68,11 @@ def rejection(entry: str, partition: int | None, event: Any, reason: str) -> byt
     return out
 
 
+def rejection_of(entry: str, partition: int | None, ev: Rejected) -> bytes:
+    """The `playbus:rejected` record of an event that was rejected while decoding."""
+    return rejection(entry, partition, ev.raw if ev.raw is not None else {"id": ev.id}, ev.reason)
+
+
 def as_dict(ev: EventIn) -> dict[str, Any]:
     """An event as plain data (its data decoded), for a rejection record."""
     doc: dict[str, Any] = {"id": ev.id, "campaign": ev.campaign, "user": ev.user, "type": ev.type, "ts": ev.ts}
@@ -74,7 +88,7 @@ def decode_entry(fields: dict[bytes, bytes]) -> tuple[list[EventIn | Rejected], 
     if raw is not None:
         if len(raw) > MAX_ENTRY:
             return [], f"record batch of {len(raw)} bytes is too large"
-        if not raw[:1] or not (0x90 <= raw[0] <= 0x9F or raw[0] in (0xDC, 0xDD)):
+        if not is_msgpack_array(raw):
             return [], "field 'events' is not a msgpack array of events"
         try:
             return decode_events(raw), ""
@@ -83,12 +97,12 @@ def decode_entry(fields: dict[bytes, bytes]) -> tuple[list[EventIn | Rejected], 
     raw = fields.get(b"event")
     if raw is None:
         return [], 'entry has neither field "events" nor "event"'
-    if len(raw) > 64 * 1024:
+    if len(raw) > MAX_EVENT:
         return [], f"event of {len(raw)} bytes is too large"
     try:
         if raw.lstrip()[:1] == b"{":
             return decode_json_events(raw), ""
-        if raw[:1] and (0x80 <= raw[0] <= 0x8F or raw[0] in (0xDE, 0xDF)):
+        if is_msgpack_map(raw):
             return decode_events(raw), ""
     except Exception as e:  # noqa: BLE001 - any decoding failure rejects the entry
         return [], f"event is neither JSON nor msgpack: {e}"
@@ -189,10 +203,10 @@ class PartitionReader:
                 continue
             for ev in evs:
                 if isinstance(ev, Rejected):
-                    rejected.append(rejection(eid, kg, ev.raw if ev.raw is not None else {"id": ev.id}, ev.reason))
+                    rejected.append(rejection_of(eid, kg, ev))
                 elif ev.campaign not in campaigns:
                     rejected.append(rejection(eid, kg, as_dict(ev), f"campaign: unknown campaign {ev.campaign!r}"))
-                elif n is not None and (right := key_group(f"{ev.campaign}\x00{ev.user}", n)) != kg:
+                elif n is not None and (right := key_group(user_key(ev.campaign, ev.user), n)) != kg:
                     # a producer that partitions wrongly: deciding it here would break the user's order and the
                     # ownership of its group (and fail the whole batch beside it)
                     rejected.append(rejection(eid, kg, as_dict(ev), f"partition: the user's events belong in "

@@ -37,10 +37,24 @@ __all__ = ["REJECTED_STREAM", "FencedError", "RedisStore", "StoreError"]
 
 REJECTED_STREAM = "playbus:rejected"
 JOURNAL_SCAN = 2000  # journal entries (batches) of a group scanned back when looking for a user's decisions
+JOURNAL_PAGE = 200  # journal entries read in one XREVRANGE
 
 _dumps = msgspec.json.Encoder().encode  # actions and failed runs as compact JSON (bytes)
 _pack = msgspec.msgpack.Encoder().encode  # journal entries: Decision tuples pack as arrays
 _unpack = msgspec.msgpack.Decoder().decode
+
+
+def _collect(decisions: list[Any], found: dict[str, list[dict[str, Any]]]) -> None:
+    """Put the decisions of one journal entry (a batch) that belong to the users of `found` before what was found
+    so far (the entry is older), as dicts; the others are skipped before any dict is built."""
+    newer: dict[str, list[dict[str, Any]]] = {}
+    for d in decisions:
+        campaign, user = (d["campaign"], d["user"]) if isinstance(d, dict) else (d[0], d[1])
+        uk = user_key(campaign, user)
+        if uk in found:
+            newer.setdefault(uk, []).append(Decision.from_packed(d))
+    for uk, rows in newer.items():
+        found[uk][:0] = rows
 
 
 class _Unit:
@@ -178,35 +192,29 @@ class RedisStore:
 
     def journals(self, user_keys: Iterable[str], limit: int | None = None) -> dict[str, list[dict[str, Any]]]:
         """The recent decisions of several users, oldest first, from their groups' journals: each group's
-        newest JOURNAL_SCAN batches are read back (newest first, in pages) until `limit` decisions of every
-        user asked for are found."""
+        newest JOURNAL_SCAN batches are read back (newest first, in pages of JOURNAL_PAGE; the first page of
+        every group in one round trip) until `limit` decisions of every user asked for are found."""
         wanted: dict[int, dict[str, list[dict[str, Any]]]] = {}
         for k in user_keys:
             wanted.setdefault(key_group(k, self.key_groups), {})[k] = []
-        for kg, found in wanted.items():
-            key, last, scanned = self.journal_key(kg), "+", 0
-            while scanned < JOURNAL_SCAN:
+        if not wanted:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for kg in wanted:
+            pipe.xrevrange(self.journal_key(kg), count=JOURNAL_PAGE)
+        self.round_trips += 1
+        for (kg, found), page in zip(wanted.items(), pipe.execute(), strict=True):
+            scanned = 0
+            while page:
+                for _, fields in page:
+                    _collect(_unpack(fields[b"d"]), found)
+                scanned += len(page)
+                done = limit is not None and all(len(v) >= limit for v in found.values())
+                if done or len(page) < JOURNAL_PAGE or scanned >= JOURNAL_SCAN:
+                    break
                 self.round_trips += 1
-                page: Any = self.client.xrevrange(key, max=last, count=200)
-                if not page:
-                    break
-                for entry_id, fields in page:
-                    if entry_id == last:
-                        continue
-                    scanned += 1
-                    newer: dict[str, list[dict[str, Any]]] = {}
-                    for d in _unpack(fields[b"d"]):
-                        row = Decision.from_packed(d)
-                        uk = user_key(row["campaign"], row["user"])
-                        if uk in found:
-                            newer.setdefault(uk, []).append(row)
-                    for uk, rows in newer.items():
-                        found[uk][:0] = rows  # this batch is older than what was found so far
-                last = page[-1][0]
-                if limit is not None and all(len(v) >= limit for v in found.values()):
-                    break
-                if len(page) < 200:
-                    break
+                # XREVRANGE's end is inclusive: "(" + id starts right after the oldest entry read
+                page = self.client.xrevrange(self.journal_key(kg), max=b"(" + page[-1][0], count=JOURNAL_PAGE)
         return {k: v for found in wanted.values() for k, v in found.items()}
 
     # -- the commit --------------------------------------------------------------------------------
@@ -226,7 +234,7 @@ class RedisStore:
         """Write one micro-batch: one atomic unit per key group touched, all in one round trip.
 
         `offsets`: per group, the last entry of its input partition this batch consumed (written in the unit);
-        `rejected`: per group, invalid input events to add to `playbus:rejected` (field "entry").
+        `rejected`: per group, invalid input events to add to `playbus:rejected` (field "rejected").
 
         Each unit checks the group's epoch against `epochs` first and writes nothing when fenced; the
         other groups are committed and FencedError lists the fenced ones. Every unit carries a batch

@@ -16,7 +16,7 @@ from typing import Any
 
 from playbus.actors.store.errors import RedisServerError
 
-__all__ = ["RedisServer", "RedisServerError", "find_redis_server"]
+__all__ = ["RedisServer", "RedisServerError", "find_redis_server", "free_port"]
 
 _LOG = "redis.log"
 _OUT = "redis.out"  # stdout/stderr: where Redis writes errors found before it opens its log
@@ -42,7 +42,8 @@ def find_redis_server() -> str:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -124,7 +125,7 @@ class RedisServer:
         attempts = 1 if (self._fixed_port or self.port) else 3
         for attempt in range(attempts):
             if not self.port:
-                self.port = _free_port()
+                self.port = free_port()
             try:
                 self._spawn_and_wait()
                 return self

@@ -41,7 +41,8 @@ class StreamProducer:
     `redis_client` is a redis-py client (or cluster client) of the Redis that playbus uses. XADD is not
     idempotent: a producer that resends after an error may add events twice, and playbus answers the copies
     `duplicate` by their ids, so keep ids stable across resends. `key_groups` defaults to what playbus recorded
-    in Redis (it must have started once); pass it to write before that.
+    in Redis (it must have started once); pass it to write before that (a value that differs from the recorded
+    one raises ValueError).
     """
 
     def __init__(self, redis_client: Any, key_groups: int | None = None, batch: int = 500,
@@ -50,17 +51,26 @@ class StreamProducer:
             raise ValueError(f"batch must be 1..10000 events, got {batch}")
         self.client = redis_client
         self._key_groups = key_groups
+        self._checked = False  # key_groups compared with what playbus recorded (before playbus ever ran: not)
         self.batch = batch
         self.pipeline = pipeline  # record batches per round trip
 
     @property
     def key_groups(self) -> int:
-        if self._key_groups is None:
+        """The number of partitions: what playbus recorded in Redis. A `key_groups` given to the constructor
+        is checked against it once (events in wrong partitions would be rejected by playbus)."""
+        if not self._checked:
             raw = self.client.hget(LAYOUT_KEY, "key_groups")
-            if raw is None:
+            if raw is None and self._key_groups is None:
                 raise RuntimeError("playbus has not recorded its key_groups in this Redis yet (start it once, "
                                    "or pass key_groups=)")
-            self._key_groups = int(raw)
+            if raw is not None:
+                if self._key_groups is not None and int(raw) != self._key_groups:
+                    raise ValueError(f"key_groups={self._key_groups} given, but playbus uses {int(raw)} in this "
+                                     f"Redis: events would go to the wrong partitions")
+                self._key_groups = int(raw)
+            self._checked = True
+        assert self._key_groups is not None
         return self._key_groups
 
     def send(self, event: dict[str, Any]) -> Any:

@@ -262,3 +262,12 @@ def test_stream_producer_writes_record_batches_into_the_partitions_it_learns_fro
         got = [e["id"] for _, f in clean_redis.xrange(f"playbus:{{kg{kg}}}:in") for e in msgpack.unpackb(f[b"events"])
                if e["user"] == f"u{u}"]
         assert got == [f"j{i}" for i in range(700) if i % 7 == u]  # each user's events in the order sent
+
+
+def test_a_stream_producer_given_other_key_groups_than_playbus_recorded_refuses_to_write(clean_redis: Any) -> None:
+    StreamProducer(clean_redis, key_groups=16).send_many([ev("k0", "u1")])  # before playbus ran: taken as given
+    clean_redis.hset("playbus:{meta}:layout", "key_groups", 16)
+    assert StreamProducer(clean_redis, key_groups=16).send_many([ev("k1", "u1")])[0]
+    with pytest.raises(ValueError, match="key_groups=8 given, but playbus uses 16"):
+        StreamProducer(clean_redis, key_groups=8).send_many([ev("k2", "u1")])
+    assert sum(clean_redis.xlen(f"playbus:{{kg{kg}}}:in") for kg in range(16)) == 2  # nothing of k2 written

@@ -266,6 +266,29 @@ def test_committed_data_survives_a_redis_restart(tmp_path: Path, config: Config)
         client.close()
 
 
+def test_the_journal_is_read_back_page_by_page_until_the_limit_or_the_scan_depth(
+        clean_redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from playbus.actors.store import commit
+
+    store = RedisStore(clean_redis, 1)  # one group: every batch in one journal stream
+    epochs = store.claim([0])
+    for b in range(450):  # 450 batches: u1 has a decision in every 10th, u2 in every one
+        journal = [{"campaign": "c1", "user": "u2", "event": f"x{b}", "ts": TS}]
+        if b % 10 == 0:
+            journal.append({"campaign": "c1", "user": "u1", "event": f"e{b}", "ts": TS})
+        store.commit(epochs, {}, journal)
+    trips = store.round_trips
+    found = store.journals(["c1\x00u1", "c1\x00u2"])  # no limit: every page of the scan depth
+    assert [e["event"] for e in found["c1\x00u1"]] == [f"e{b}" for b in range(0, 450, 10)]  # oldest first
+    assert len(found["c1\x00u2"]) == 450
+    assert store.round_trips - trips == 3  # pages of 200: the first of every group pipelined, then 2 more
+    trips = store.round_trips
+    assert [e["event"] for e in store.journal("c1\x00u2", 5)] == [f"x{b}" for b in range(449, 444, -1)]
+    assert store.round_trips - trips == 1  # the limit was found in the first page
+    monkeypatch.setattr(commit, "JOURNAL_SCAN", 200)  # the scan depth caps how far back a lookup reads
+    assert [e["event"] for e in store.journal("c1\x00u1", 100)][-1] == "e250"
+
+
 def test_large_commits_are_written_whole(clean_redis: Any) -> None:
     store = RedisStore(clean_redis, 1)  # one group: everything in one script call
     epochs = store.claim([0])

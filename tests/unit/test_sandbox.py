@@ -31,6 +31,7 @@ class Box:
     def __init__(self, max_instructions: int = 200_000, max_memory_kb: int = 16_384) -> None:
         self.sb = Sandbox(max_instructions, max_memory_kb)
         self.sizes: dict[int, int] = {}  # rule set -> number of rules
+        self.slots: dict[bytes, int] = {}  # user -> its context's slot (what the engine keeps in UserState)
         self._events = 0
         self._probes = 0
 
@@ -44,6 +45,17 @@ class Box:
         self.sizes[rs] = len(rules)
         return rs
 
+    def slot(self, user: bytes) -> int:
+        if user not in self.slots:
+            self.slots[user] = self.sb.new_slot()
+        return self.slots[user]
+
+    def contexts(self, users: list[bytes]) -> list[dict[str, Any] | None]:
+        return self.sb.get_contexts([self.slots.get(u, 0) for u in users])
+
+    def load(self, user: bytes, context: dict[str, Any]) -> None:
+        self.sb.load_context(self.slot(user), context)
+
     def event(
         self, rs: int, *, eid: bytes | None = None, user: bytes = b"u1", ts: int = TS, day: int = DAY,
         data: Any = None, max_seconds: float = SLOW,
@@ -51,7 +63,7 @@ class Box:
         """Run one event through the rule set; one record per rule, within `max_seconds`."""
         self._events += 1
         blob = msgpack.packb(data) if data is not None else False
-        cols = [eid or b"e%d" % self._events, user, ts, day, blob, self.sb.slot("c1\x00" + user.decode()), rs]
+        cols = [eid or b"e%d" % self._events, user, ts, day, blob, self.slot(user), rs]
         assert len(cols) == STRIDE
         started = time.perf_counter()
         records = self.sb.run_batch(cols, 1, self.sizes[rs])
@@ -63,7 +75,7 @@ class Box:
         return self.event(self.ruleset(*sources), max_seconds=max_seconds, **event)
 
     def context(self, user: bytes = b"u1") -> dict[str, Any] | None:
-        return self.sb.get_contexts([f"c1\x00{user.decode()}"])[0]
+        return self.contexts([user])[0]
 
 
 PROBE = """
@@ -474,7 +486,7 @@ def test_catastrophic_pattern_backtracking_is_refused(box: Box) -> None:
 
 def test_huge_context_values_are_refused() -> None:
     box = Box(max_instructions=1_000_000)  # room for building a 1 MiB string
-    box.sb.load_context("c1\x00u1", {"k": "before"})
+    box.load(b"u1", {"k": "before"})
     records = box.run(
         'function decide(e, ctx) ctx:set("k", ("x"):rep(1048576)) end',
         'function decide(e, ctx) local t = {} for i = 1, 20 do t = {t} end ctx:set("k", t) end',
@@ -500,10 +512,10 @@ def test_huge_context_values_are_refused() -> None:
     n = 40
     cols: list[Any] = []
     for i in range(n):
-        cols += [b"big%d" % i, b"big%d" % i, TS, DAY, False, box.sb.slot(f"c1\x00big{i}"), rs]
+        cols += [b"big%d" % i, b"big%d" % i, TS, DAY, False, box.slot(b"big%d" % i), rs]
     errors = [rec[0] for rec in box.sb.run_batch(cols, n, n)]
     assert errors == [None] * n
-    contexts = box.sb.get_contexts([f"c1\x00big{i}" for i in range(n)])
+    contexts = box.contexts([b"big%d" % i for i in range(n)])
     assert [len((c or {}).get("k", [])) for c in contexts] == [14] * n
     assert_clean(box)
 
@@ -575,7 +587,7 @@ def test_too_many_emits_are_refused(box: Box) -> None:
 
 
 def test_writes_and_emits_of_a_failing_rule_are_discarded(box: Box) -> None:
-    box.sb.load_context("c1\x00u1", {"k": 1})
+    box.load(b"u1", {"k": 1})
     records = box.run(
         'function decide(e, ctx) ctx:set("k", 2) ctx:set("new", true) emit("a.b", {}) error("boom") end',
         'function decide(e, ctx) ctx:incr("k", 5) emit("a.b", {}) while true do end end',

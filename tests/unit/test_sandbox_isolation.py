@@ -49,7 +49,7 @@ def run_events(box: Box, rs: int, n: int, user_prefix: bytes = b"u") -> list[lis
     cols: list[Any] = []
     for i in range(n):
         user = user_prefix + b"%d" % i
-        cols += [b"e%d" % i, user, TS, DAY, False, box.sb.slot("c1\x00" + user.decode()), rs]
+        cols += [b"e%d" % i, user, TS, DAY, False, box.slot(user), rs]
     return box.sb.run_batch(cols, n, n * box.sizes[rs])
 
 
@@ -125,13 +125,13 @@ def test_a_user_s_context_is_capped_and_a_run_that_would_pass_the_cap_fails_alon
     box.sizes[rs] = 2
     cols: list[Any] = []
     for i in range(8):
-        cols += [b"%d" % i, b"u1", TS, DAY, False, box.sb.slot("c1\x00u1"), rs]
+        cols += [b"%d" % i, b"u1", TS, DAY, False, box.slot(b"u1"), rs]
     records = box.sb.run_batch(cols, 8, 16)
     grows, counts = records[0::2], records[1::2]
     assert [r[0] is None for r in grows] == [True] * 5 + [False] * 3
     assert all("the user's context would be" in r[0] and "over the limit of 16384" in r[0] for r in grows[5:])
     assert [r[1] for r in counts] == [{"n": i} for i in range(1, 9)]  # small writes still fit
-    ctx = box.sb.get_contexts(["c1\x00u1"])[0]
+    ctx = box.contexts([b"u1"])[0]
     assert ctx is not None and len(ctx) == 6  # 5 strings and the counter
 
 
@@ -188,10 +188,10 @@ def test_writes_a_script_caught_errors_around_are_recorded_exactly_and_never_lea
         'if e.user == "after" then ctx:set("c", 3) end end')
     cols: list[Any] = []
     for i, user in enumerate((b"many", b"caught", b"fails", b"after")):
-        cols += [b"x%d" % i, user, TS, DAY, False, box.sb.slot("c1\x00" + user.decode()), rs]
+        cols += [b"x%d" % i, user, TS, DAY, False, box.slot(user), rs]
     many, caught, fails, after = box.sb.run_batch(cols, 4, 4)
     assert many[0] is None and many[1] == {f"k{i}": i for i in range(1, 257)}
     assert caught == [None, {"s": "x"}, None]
     assert fails[0].endswith("boom") and fails[1] is None
     assert after == [None, {"c": 3}, None]
-    assert box.sb.get_contexts(["c1\x00fails", "c1\x00after", "c1\x00caught"]) == [{}, {"c": 3}, {"s": "x"}]
+    assert box.contexts([b"fails", b"after", b"caught"]) == [{}, {"c": 3}, {"s": "x"}]
