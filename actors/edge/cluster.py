@@ -37,7 +37,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shards", type=int, help="number of shards (overrides the config's 'shards')")
     p.add_argument("--serve-proxy", action="store_true",
                    help="serve HTTP through Ray Serve's proxy actor instead of the ingress replica itself "
-                        "(Serve's direct ingress, the default: about 20x cheaper per request here)")
+                        "(Serve's direct ingress, the default, answers about 15x more requests/s here: make bench)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -45,8 +45,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def serve_env(port: int, direct: bool) -> dict[str, str]:
     """Environment of the Serve processes. Direct ingress (Ray >= 2.56): the ingress replica itself listens on
     `port` (its port range is that one port), no proxy actor in the request path; with Serve's throughput
-    settings (user code on the replica's own loop, no per-request log flush). Serve's proxy costs ~10 ms of CPU
-    per request on this machine (loadtest/bench_cluster.py, serve-noop), the direct road ~0.5 ms."""
+    settings (user code on the replica's own loop, no per-request log flush). On this machine `make bench`
+    measured 225 requests/s through Serve's proxy against 3,456 on the direct road (a 404 the ingress answers)."""
     if not direct:
         return {}
     return {
