@@ -20,6 +20,7 @@ __all__ = [
     "RuleConfig",
     "SandboxConfig",
     "TargetConfig",
+    "TimersConfig",
     "parse_duration",
 ]
 
@@ -116,13 +117,22 @@ class SandboxConfig(_Strict):
     disable_after: int = Field(default=20, ge=1, le=1_000_000)
 
 
+class TimersConfig(_Strict):
+    """How shards fire the timers rules set with `later`: each shard looks for due timers every `poll_ms`
+    (a timer fires at most about this late under normal load, plus a batch)."""
+
+    poll_ms: float = Field(default=100.0, ge=1, le=60_000)
+
+
 class RuleConfig(_Strict):
-    """On an event type, run a Lua script that may emit the listed action types."""
+    """On an event type, run a Lua script that may emit the listed action types and make events of the `sends`
+    types (for another user of the campaign with `send`, for this user later with `later`)."""
 
     id: str = Field(pattern=_NAME, max_length=128)
     on: str = Field(pattern=_EVENT_TYPE, max_length=128)
     script: str = Field(min_length=1)
     emits: tuple[str, ...] = ()
+    sends: tuple[str, ...] = ()  # event types its `send` and `later` may make
     # Filled by the loader: the script's name (file stem) and source text (version 1).
     script_name: str = ""
     source: str = ""
@@ -133,6 +143,14 @@ class RuleConfig(_Strict):
         for i, t in enumerate(v):
             if not re.match(_ACTION_TYPE, t):
                 raise FieldCheckError((i,), "expected an action type like 'lottery.grant_chance'")
+        return v
+
+    @field_validator("sends")
+    @classmethod
+    def _sends_are_event_types(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for i, t in enumerate(v):
+            if not re.match(_EVENT_TYPE, t) or len(t) > 128:
+                raise FieldCheckError((i,), "expected an event type like 'assist.credited'")
         return v
 
 
@@ -244,6 +262,7 @@ class Config(_Strict):
     dedup_max_ids: int = Field(10_000, ge=1, le=1_000_000)
     durability: DurabilityConfig = DurabilityConfig()
     batch: BatchConfig = BatchConfig()
+    timers: TimersConfig = TimersConfig()
     sandbox: SandboxConfig = SandboxConfig()
     targets: dict[str, TargetConfig] = {}
     campaigns: tuple[CampaignConfig, ...] = ()

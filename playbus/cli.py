@@ -6,14 +6,13 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from playbus.actors.engine.decisions import repeat_actions
 from playbus.actors.engine.engine import ShardEngine
-from playbus.actors.engine.keys import user_key
+from playbus.actors.engine.local import LocalRun, Step
 from playbus.admin import add_scripts_parser, run_scripts_command
 from playbus.config.errors import ConfigError
 from playbus.config.loader import default_config_path, load_config
@@ -50,16 +49,38 @@ def _read_context(path: str | None) -> dict[str, Any]:
     return value
 
 
-def dry_run(config_path: str, events_path: str, context_path: str | None, now_ms: int | None, out: TextIO) -> int:
-    """Run every event through the whole engine in-process; one JSON line per event."""
+def parse_time(text: str) -> int:
+    """Milliseconds since the epoch, given as such or as an ISO-8601 time with its offset."""
+    if text.strip().isdigit():
+        return int(text)
+    try:
+        t = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise CliError(f"--until: expected milliseconds since the epoch or an ISO-8601 time, got {text!r}") from None
+    if t.tzinfo is None:
+        raise CliError(f"--until: {text!r} has no time zone offset (e.g. 2026-02-01T00:00:00+08:00)")
+    return int(t.timestamp() * 1000)
+
+
+def dry_run(config_path: str, events_path: str, context_path: str | None, now_ms: int | None, out: TextIO,
+            until: str | None = None) -> int:
+    """Run every event through the whole engine in-process; one JSON line per event decided: the input events,
+    the events their rules send (after the event that sent them) and the timers they set (fired by the events'
+    clock, and at the end up to `until`: by default the last event's time plus the longest timer)."""
     try:
         cfg = load_config(config_path)
         engine = ShardEngine(cfg)
     except (ConfigError, ScriptError) as e:
         raise CliError(str(e)) from None
     start_ctx = _read_context(context_path)
+    until_ms = parse_time(until) if until is not None else None
     now = int(time.time() * 1000) if now_ms is None else now_ms
-    journals: dict[str, list[Any]] = defaultdict(list)
+    run = LocalRun(engine, now, start_ctx)
+
+    def write(steps: list[Step]) -> None:
+        for step in steps:
+            out.write(json.dumps(step.line(), ensure_ascii=False, default=str) + "\n")
+
     for n, line in _read_lines(events_path):
         if not line.strip():
             continue
@@ -69,18 +90,8 @@ def dry_run(config_path: str, events_path: str, context_path: str | None, now_ms
             out.write(json.dumps({"id": None, "status": "rejected", "actions": [],
                                   "errors": [f"line {n}: not valid JSON: {e.msg}"], "context": None}) + "\n")
             continue
-        if start_ctx:
-            engine.start_users([raw], start_ctx)
-        outcome = engine.process([raw], now)
-        repeat_actions(outcome.results, outcome.earlier, journals)  # a duplicate repeats what it granted
-        for d in outcome.journal:
-            journals[user_key(d["campaign"], d["user"])].append(d)
-        result = dict(outcome.results[0])
-        ctx = None
-        if result["status"] != "rejected":
-            ctx = engine.contexts([user_key(raw["campaign"], raw["user"])])[0]
-        result["context"] = ctx
-        out.write(json.dumps(result, ensure_ascii=False, default=str) + "\n")
+        write(run.event(raw))
+    write(run.finish(until_ms))
     return 0
 
 
@@ -92,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--events", required=True, help="events, one JSON object per line ('-' for stdin)")
     d.add_argument("--context", help="JSON object: the starting context of every user the events touch")
     d.add_argument("--now", type=int, help="receive time in ms for events without ts (default: now)")
+    d.add_argument("--until", help="fire the timers due by this time at the end (ms since the epoch or ISO-8601; "
+                                   "default: the last event's time plus the longest timer set)")
     add_scripts_parser(sub)
     return p
 
@@ -100,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "dry-run":
-            return dry_run(args.config or str(default_config_path()), args.events, args.context, args.now, sys.stdout)
+            return dry_run(args.config or str(default_config_path()), args.events, args.context, args.now, sys.stdout,
+                           args.until)
         return run_scripts_command(args, sys.stdout)
     except CliError as e:
         print(f"playbus: {e}", file=sys.stderr)

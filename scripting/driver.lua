@@ -33,6 +33,11 @@ local MAX_ENTRIES = 256       -- entries in one table value (all levels)
 local MAX_DEPTH = 8           -- nesting of one table value
 local MAX_WRITES = 256        -- distinct context keys one rule run may write
 local MAX_EMITS = 64          -- actions one rule run may propose
+local MAX_SENDS = 256         -- events one rule run may make with send and later (and timers it may cancel)
+local MAX_CHAIN = 8           -- a run on an event of this chain depth may not send nor set timers
+local MAX_USER = 256          -- longest user id (as events allow)
+local MAX_DATA = 16384        -- the largest data of an event (msgpack, estimated from above)
+local MAX_DELAY = 400 * 86400000   -- the longest later(): 400 days, in ms
 local MAX_KEY = 128           -- longest context key
 local MAX_RUN_BYTES = 65536   -- msgpack size (estimated from above) of one rule run's writes and emits
 local PATTERN_COST = 1e8      -- len(subject) ^ (quantifiers + 1), or len(subject) * len(pattern), above this is refused
@@ -248,6 +253,7 @@ local NILV = {}           -- overlay marker of a deleted key
 local OVER = {}
 local cur_base, cur_over, cur_writes, cur_emits, cur_rule, cur_bytes = nil, OVER, 0, nil, nil, 0
 local cur_blob, cur_ts, cur_day, cur_rng
+local cur_depth, cur_sends = 0, 0
 
 local function ctx_get(_, k)
   if type(k) ~= "string" then error("ctx:get: key must be a string", 2) end
@@ -381,6 +387,83 @@ local function emit(atype, params)
   cur_bytes = cur_bytes + 6 + #atype + size
   if cur_bytes > MAX_RUN_BYTES then error(RUN_BYTES_ERR, 2) end
   cur_emits[n + 1] = {atype, params}
+end
+
+-- Events a rule makes: for another user now (send) or for this user later (later, cancel). They travel in the
+-- run's record with its emits, as arrays that actions ({type, params}) never are: {1, type, data, user},
+-- {2, type, data, delay_ms, key or false}, {3, key}; Python turns them into events and timers once the run
+-- succeeded (a failed run's are discarded with its writes and emits).
+local function effect_slot(what)
+  if cur_sends >= MAX_SENDS then
+    error(sformat("%s: more than %d sends, timers and cancels in one rule run", what, MAX_SENDS), 3)
+  end
+  cur_sends = cur_sends + 1
+  if cur_emits == NO_EMITS then cur_emits = {} end
+  local n = #cur_emits
+  if n >= MAX_EMITS + MAX_SENDS then error(sformat("%s: too many effects in one rule run", what), 3) end
+  return n + 1
+end
+
+local function check_sendable(what, etype)
+  if type(etype) ~= "string" or not cur_rule.sends[etype] then
+    error(sformat("%s of %s is not allowed for rule '%s' (sends: %s)", what,
+      type(etype) == "string" and ("'" .. etype .. "'") or type(etype), cur_rule.id, cur_rule.sends_text), 3)
+  end
+  if cur_depth >= MAX_CHAIN then
+    error(sformat("%s: chain depth %d reached (event '%s' was itself made by rules %d times over)", what,
+      MAX_CHAIN, EV.id, cur_depth), 3)
+  end
+end
+
+local function event_data(what, etype, data)
+  if data == nil then return {}, 1 end
+  if type(data) ~= "table" then error(sformat("%s('%s'): data must be a table", what, etype), 3) end
+  for k in next, data do
+    if type(k) ~= "string" then error(sformat("%s('%s'): data keys must be strings", what, etype), 3) end
+  end
+  local value, size = copy(data, what, etype)
+  if size > MAX_DATA then error(sformat("%s('%s'): data of about %d bytes, at most %d", what, etype, size, MAX_DATA), 3) end
+  return value, size
+end
+
+local function send(user, etype, data)
+  check_sendable("send", etype)
+  if type(user) ~= "string" or #user == 0 or #user > MAX_USER or not ulen(user) then
+    error(sformat("send('%s'): user must be a string of 1..%d bytes", etype, MAX_USER), 2)
+  end
+  local value, size = event_data("send", etype, data)
+  local i = effect_slot("send")
+  cur_bytes = cur_bytes + 10 + #etype + #user + size
+  if cur_bytes > MAX_RUN_BYTES then error(RUN_BYTES_ERR, 2) end
+  cur_emits[i] = {1, etype, value, user}
+end
+
+local function timer_key(what, key)
+  if type(key) ~= "string" or #key == 0 or #key > MAX_KEY or not ulen(key) then
+    error(sformat("%s: key must be a string of 1..%d bytes", what, MAX_KEY), 3)
+  end
+  return key
+end
+
+local function later(delay, etype, data, key)
+  check_sendable("later", etype)
+  if mtype(delay) ~= "integer" or delay < 0 or delay > MAX_DELAY then
+    error(sformat("later('%s'): delay_ms must be an integer of 0..%d (400 days)", etype, MAX_DELAY), 2)
+  end
+  if key ~= nil then key = timer_key("later", key) else key = false end
+  local value, size = event_data("later", etype, data)
+  local i = effect_slot("later")
+  cur_bytes = cur_bytes + 20 + #etype + (key and #key or 0) + size
+  if cur_bytes > MAX_RUN_BYTES then error(RUN_BYTES_ERR, 2) end
+  cur_emits[i] = {2, etype, value, delay, key}
+end
+
+local function cancel(key)
+  key = timer_key("cancel", key)
+  local i = effect_slot("cancel")
+  cur_bytes = cur_bytes + 4 + #key
+  if cur_bytes > MAX_RUN_BYTES then error(RUN_BYTES_ERR, 2) end
+  cur_emits[i] = {3, key}
 end
 
 local function now() return cur_ts end
@@ -628,7 +711,7 @@ local BASE = {
   tonumber = tonumber, tostring = tostring, type = type, rawequal = rawequal, rawget = rawget, rawlen = rawlen,
   pcall = safe_pcall, xpcall = safe_xpcall, setmetatable = safe_setmetatable, getmetatable = getmetatable,
   unpack = safe_table.unpack,
-  emit = emit, now = now, today = today, random = random,
+  emit = emit, send = send, later = later, cancel = cancel, now = now, today = today, random = random,
 }
 local BASE_MT = {__index = BASE, __metatable = LOCKED}
 
@@ -749,11 +832,17 @@ function API.compile(handle, name, source)
   return true
 end
 
-function API.define_rule(handle, id, script_handle, emits_blob, budget_blob)
-  local emits, names = {}, {}
-  for _, t in ipairs(decode(emits_blob)) do emits[t] = true; names[#names + 1] = t end
+local function type_set(blob)
+  local set, names = {}, {}
+  for _, t in ipairs(decode(blob)) do set[t] = true; names[#names + 1] = t end
+  return set, #names > 0 and concat(names, ", ") or "none"
+end
+
+function API.define_rule(handle, id, script_handle, emits_blob, budget_blob, sends_blob)
+  local emits, emits_text = type_set(emits_blob)
+  local sends, sends_text = type_set(sends_blob)
   RULES[handle] = {
-    id = id, script = script_handle, emits = emits, emits_text = concat(names, ", "),
+    id = id, script = script_handle, emits = emits, emits_text = emits_text, sends = sends, sends_text = sends_text,
     budget_params = decode(budget_blob), fails = 0, disabled = false,
   }
 end
@@ -818,10 +907,11 @@ function context_fits(slot, base)
 end
 
 -- Run every rule of every event of a batch. `cols` is a flat array with STRIDE fields per event:
--- id, user, ts, day, data (msgpack or false), context slot, rule set (which gives the campaign and the type).
+-- id, user, ts, day, data (msgpack or false), context slot, rule set (which gives the campaign and the type),
+-- chain depth.
 -- Returns a msgpack array of `runs` records, one per rule run: [error|nil, changes|nil, emits|nil]. What a run
 -- returns depends only on its event, its context and its script: never on the rest of the batch.
-local STRIDE = 7
+local STRIDE = 8
 local function clear_over()
   local over = cur_over
   for k in next, over do over[k] = nil end
@@ -839,12 +929,12 @@ function API.run_batch(cols, n, runs)
     local rs = RULESETS[cols[b + 7]]
     local ts = cols[b + 3]
     EV.id, EV.type, EV.user, EV.campaign, EV.ts = cols[b + 1], rs.type, cols[b + 2], rs.campaign, ts
-    cur_blob, cur_ts, cur_day, cur_base = cols[b + 5], ts, cols[b + 4], base
+    cur_blob, cur_ts, cur_day, cur_base, cur_depth = cols[b + 5], ts, cols[b + 4], base, cols[b + 8]
     local rules = rs.rules
     for j = 1, rs.n do
       local rule = rules[j]
       EV.data = nil
-      cur_rng, cur_emits, cur_rule, cur_bytes = nil, NO_EMITS, rule, 0
+      cur_rng, cur_emits, cur_rule, cur_bytes, cur_sends = nil, NO_EMITS, rule, 0, 0
       local script = SCRIPTS[rule.script]
       local ok, err
       if rule.disabled then ok, err = false, rule.disabled

@@ -7,6 +7,7 @@ is ever reachable from Lua, and a whole micro-batch crosses the boundary in one 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -18,7 +19,8 @@ from playbus.scripting.errors import ScriptCompileError
 
 __all__ = ["BUDGET_ERROR", "MEMORY_ERROR", "STRIDE", "TIME_ERROR", "Sandbox"]
 
-STRIDE = 7  # fields per event in run_batch's flat column table: id, user, ts, day, data, context slot, rule set
+STRIDE = 8  # fields per event in run_batch's flat column table: id, user, ts, day, data, context slot, rule set,
+# chain depth
 BUDGET_ERROR = "instruction budget exceeded"
 MEMORY_ERROR = "memory cap exceeded"
 TIME_ERROR = "cpu time limit exceeded"  # backstop for C work no instruction count sees (see driver.lua)
@@ -98,11 +100,13 @@ class Sandbox:
     def drop_script(self, handle: int) -> None:
         self._api.drop_script(handle)
 
-    def define_rule(self, rule_id: str, script: int, emits: list[str], budget_params: dict[str, list[str]]) -> int:
-        """A rule running `script`, allowed to emit `emits`; `budget_params`: action type -> the integer
-        parameters its budgets spend (checked at emit)."""
+    def define_rule(self, rule_id: str, script: int, emits: list[str], budget_params: dict[str, list[str]],
+                    sends: Sequence[str] = ()) -> int:
+        """A rule running `script`, allowed to emit `emits` and to send (`send`, `later`) events of the types
+        `sends`; `budget_params`: action type -> the integer parameters its budgets spend (checked at emit)."""
         h = self._handle()
-        self._api.define_rule(h, rule_id.encode(), script, msgpack.packb(list(emits)), msgpack.packb(budget_params))
+        self._api.define_rule(h, rule_id.encode(), script, msgpack.packb(list(emits)), msgpack.packb(budget_params),
+                              msgpack.packb(list(sends)))
         return h
 
     def set_rule_script(self, rule: int, script: int) -> None:
@@ -118,7 +122,8 @@ class Sandbox:
     # -- running -----------------------------------------------------------------------------------
     def run_batch(self, cols: list[Any], n: int, runs: int) -> list[list[Any]]:
         """Run the rule sets of `n` events (STRIDE fields each, `runs` rule runs in all); one
-        [error, changes, emits] per rule run."""
+        [error, changes, effects] per rule run. An effect is an action [type, params] or an event a rule made:
+        [1, type, data, user] (send), [2, type, data, delay_ms, key or False] (later), [3, key] (cancel)."""
         if n == 0:
             return []
         lua = self._lua

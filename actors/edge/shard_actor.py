@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -23,6 +24,7 @@ from playbus.actors.engine.events import decode_events
 from playbus.actors.service.batcher import MicroBatcher
 from playbus.actors.service.partition_reader import PartitionReader
 from playbus.actors.service.shard import PreparedBatch, ShardCore
+from playbus.actors.service.timer_firer import TimerFirer
 from playbus.actors.store.errors import FencedError
 from playbus.config.schema import Config
 
@@ -43,9 +45,13 @@ class _UserActivityActor:
         self.reader = PartitionReader(redis_url, sorted(self.core.groups), self._submit_read,
                                       {c.id for c in config.campaigns}, chunk=config.batch.max_events,
                                       key_groups=config.key_groups)
+        self.firer = TimerFirer(redis_url, sorted(self.core.groups), self._submit_fired,
+                                poll_s=config.timers.poll_ms / 1000, chunk=config.batch.max_events,
+                                on_fired=self._observe_lateness)
         self._reader_task: asyncio.Task[None] | None = None
         self._reader_stop: asyncio.Event | None = None
-        self.reader_restarts = 0
+        self._firer_task: asyncio.Task[None] | None = None
+        self.restarts = {"partition reader": 0, "timer firer": 0}
         self._exiting = False
         tags = {"shard": str(shard)}
         self._m_events = metrics.Counter("playbus_events", "events by result status", tag_keys=("shard", "status"))
@@ -55,7 +61,12 @@ class _UserActivityActor:
         self._m_commit = metrics.Histogram("playbus_commit_ms", "commit latency (ms)",
                                            boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100, 500], tag_keys=("shard",))
         self._m_queue = metrics.Gauge("playbus_queue_events", "events waiting for a batch", tag_keys=("shard",))
-        for m in (self._m_events, self._m_rule_errors, self._m_batch, self._m_commit, self._m_queue):
+        self._m_made = metrics.Counter("playbus_rule_events", "events rules made and timers they changed",
+                                       tag_keys=("shard", "kind"))  # kind: sent, timers_set, timers_cancelled, fired
+        self._m_late = metrics.Histogram("playbus_timer_lateness_ms", "commit time minus due time of fired timers",
+                                         boundaries=[10, 50, 100, 250, 500, 1000, 5000, 30000], tag_keys=("shard",))
+        for m in (self._m_events, self._m_rule_errors, self._m_batch, self._m_commit, self._m_queue, self._m_made,
+                  self._m_late):
             m.set_default_tags(tags)
 
     def _record(self, batch: PreparedBatch) -> None:
@@ -72,9 +83,15 @@ class _UserActivityActor:
                 self._m_events.inc(n, tags={"status": status})
         if errors:
             self._m_rule_errors.inc(errors)
+        for kind, n in batch.counts.items():
+            self._m_made.inc(n, tags={"kind": kind})
         self._m_batch.observe(len(results))
         self._m_commit.observe(self.core.last_commit_ms)
         self._m_queue.set(self.batcher.queued)
+
+    def _observe_lateness(self, late_ms: list[float]) -> None:
+        for ms in late_ms:
+            self._m_late.observe(ms)
 
     async def process(self, payload: bytes) -> bytes:
         """msgpack list of events in, msgpack list of results out (after the durable commit)."""
@@ -116,16 +133,34 @@ class _UserActivityActor:
             self._exit_fenced()
             raise
 
+    async def _submit_fired(self, events: list[Any]) -> list[Any]:
+        try:
+            return await self.batcher.submit(events)
+        except FencedError:
+            self._exit_fenced()
+            raise
+
     def _ensure_reader(self) -> None:
-        """Start the partition reader (on the actor's event loop), and start it again if it died."""
-        if self._reader_task is not None and not self._reader_task.done() or self._exiting:
+        """Start the partition reader and the timer firer (on the actor's event loop), and start again whichever
+        died."""
+        if self._exiting:
             return
-        if self._reader_task is not None:
-            self.reader_restarts += 1
-            exc = None if self._reader_task.cancelled() else self._reader_task.exception()
-            log.error("shard %d: the partition reader stopped (%r); starting it again", self.core.shard, exc)
-        self._reader_stop = asyncio.Event()
-        self._reader_task = asyncio.get_running_loop().create_task(self.reader.run(self._reader_stop))
+        if self._reader_stop is None:
+            self._reader_stop = asyncio.Event()
+        self._reader_task = self._keep_running(self._reader_task, self.reader.run, "partition reader")
+        self._firer_task = self._keep_running(self._firer_task, self.firer.run, "timer firer")
+
+    def _keep_running(self, task: asyncio.Task[None] | None, run: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+                      name: str) -> asyncio.Task[None]:
+        """`task` while it runs, else `run` started (again, counted and logged when it had died)."""
+        if task is not None and not task.done():
+            return task
+        if task is not None:
+            self.restarts[name] += 1
+            exc = None if task.cancelled() else task.exception()
+            log.error("shard %d: the %s stopped (%r); starting it again", self.core.shard, name, exc)
+        assert self._reader_stop is not None
+        return asyncio.get_running_loop().create_task(run(self._reader_stop))
 
     async def start(self) -> bool:
         """Start reading the input partitions (idempotent; health and process calls do it too)."""
@@ -136,11 +171,20 @@ class _UserActivityActor:
         self._ensure_reader()
         h = self.core.health()
         running = self._reader_task is not None and not self._reader_task.done()
-        h["reader"] = {"running": running, "restarts": self.reader_restarts, "last_error": self.reader.last_error,
-                       **self.reader.stats}
+        h["reader"] = {"running": running, "restarts": self.restarts["partition reader"],
+                       "last_error": self.reader.last_error, **self.reader.stats}
         if not running:
             h["ok"] = False
             h["problems"].append("the partition reader is not running")
+        firing = self._firer_task is not None and not self._firer_task.done()
+        late = sorted(self.firer.lateness_ms)
+        h["timers"] = {"running": firing, "restarts": self.restarts["timer firer"], "last_error": self.firer.last_error,
+                       **self.firer.stats,
+                       "lateness_ms": {"p50": late[len(late) // 2], "p99": late[int(len(late) * 0.99)],
+                                       "max": late[-1]} if late else None}
+        if not firing:
+            h["ok"] = False
+            h["problems"].append("the timer firer is not running")
         h["queued"] = self.batcher.queued
         waited = self.batcher.oldest_wait_s()
         h["oldest_wait_s"] = round(waited, 3)
@@ -161,17 +205,25 @@ class _UserActivityActor:
         """CPU time of this shard's process (all threads), for benchmarks."""
         return time.process_time()
 
+    async def timer_lateness(self) -> list[float]:
+        """Commit time minus due time (ms) of the timers fired lately (the last 100,000), for benchmarks."""
+        return list(self.firer.lateness_ms)
+
     async def reset_stats(self) -> None:
         self.core.commit_ms.clear()
+        self.firer.lateness_ms.clear()
 
     async def close(self) -> None:
-        """Stop reading, let queued batches commit, give budget leases back."""
-        if self._reader_stop is not None and self._reader_task is not None:
+        """Stop reading and firing, let queued batches commit, give budget leases back."""
+        if self._reader_stop is not None:
             self._reader_stop.set()
-            try:
-                await asyncio.wait_for(self._reader_task, 30)
-            except Exception as e:  # noqa: BLE001 - a reader that died or hangs must not keep the batches back
-                log.warning("shard %d: the partition reader did not stop cleanly: %r", self.core.shard, e)
+            for name, task in (("partition reader", self._reader_task), ("timer firer", self._firer_task)):
+                if task is None:
+                    continue
+                try:
+                    await asyncio.wait_for(task, 30)
+                except Exception as e:  # noqa: BLE001 - a reader that died or hangs must not keep the batches back
+                    log.warning("shard %d: the %s did not stop cleanly: %r", self.core.shard, name, e)
         await self.batcher.drain()
         self.core.close()
 

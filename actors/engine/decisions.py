@@ -8,7 +8,10 @@ from typing import Any
 __all__ = ["DECISION_FIELDS", "Decision", "actions_of", "repeat_actions"]
 
 DECISION_FIELDS = ("campaign", "user", "event", "ts", "rule", "script_version", "actions", "changes", "error",
-                   "refused")
+                   "refused", "effects")
+# `effects`: what the run did besides actions: {"send": user, "type", "id"} (an event for another user),
+# {"later": timer name, "type", "id", "due"} (a timer set or replaced), {"cancel": key, "id"} (a pending timer
+# removed); and {"fired": timer name} when the run's event is a timer that fired.
 _INDEX = {f: i for i, f in enumerate(DECISION_FIELDS)}
 _get = tuple.__getitem__
 
@@ -33,9 +36,10 @@ class Decision(tuple):  # type: ignore[type-arg]
     @staticmethod
     def from_packed(value: Any) -> dict[str, Any]:
         """A journal entry read back from Redis (an array, or a map from older commits) as a dict."""
-        if isinstance(value, dict):
-            return value
-        return dict(zip(DECISION_FIELDS, value, strict=False))
+        d = value if isinstance(value, dict) else dict(zip(DECISION_FIELDS, value, strict=False))
+        if "effects" not in d:  # written before rules could send
+            d["effects"] = []
+        return d
 
 
 def actions_of(entries: Iterable[Any], event_id: str) -> list[dict[str, Any]]:

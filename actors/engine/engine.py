@@ -15,26 +15,38 @@ from typing import Any
 from zlib import crc32
 
 import msgpack
+import msgspec
 
 from playbus.actors.engine.budgets import Budgets, LocalBudgets
 from playbus.actors.engine.caps import CapBook
 from playbus.actors.engine.clock import CampaignClock
 from playbus.actors.engine.decisions import Decision
-from playbus.actors.engine.events import EventIn, Rejected, check_event
-from playbus.actors.engine.keys import action_id, user_key
-from playbus.actors.engine.state import _DIGEST, _STAMP, DIGEST_SEED, UserState, decode_snapshot, encode_snapshot
+from playbus.actors.engine.events import MAX_TS, EventIn, Fired, Rejected, check_event
+from playbus.actors.engine.keys import action_id, derived_event_id, user_key
+from playbus.actors.engine.state import (
+    _DIGEST,
+    _STAMP,
+    DIGEST_SEED,
+    UserState,
+    decode_snapshot,
+    encode_snapshot,
+    pending_timers,
+)
 from playbus.config.schema import CampaignConfig, Config, RuleConfig
 from playbus.scripting.registry import ScriptRegistry
 from playbus.scripting.sandbox import Sandbox
 
-__all__ = ["BatchOutcome", "ShardEngine", "user_keys"]
+__all__ = ["MAX_PENDING_TIMERS", "BatchOutcome", "ShardEngine", "TimerOp", "user_keys"]
+
+MAX_PENDING_TIMERS = 256  # timers one user may have pending in one campaign; a `later` past it is refused
+_pack_data = msgspec.msgpack.Encoder().encode
 
 
 def user_keys(events: list[Any]) -> list[str]:
     """The user key of every event that names a campaign and a user (EventIn, or a dict with string ones)."""
     out = []
     for e in events:
-        if type(e) is EventIn:
+        if type(e) is EventIn or type(e) is Fired:
             out.append(f"{e.campaign}\x00{e.user}")  # = keys.user_key, inlined per event
         elif type(e) is dict:
             c, u = e.get("campaign"), e.get("user")
@@ -50,7 +62,7 @@ def _applied_before(events: list[Any], results: list[dict[str, Any]], upto: int,
     for raw, res in zip(events[:upto], results, strict=False):
         if res is None or res["status"] != "applied":
             continue
-        if type(raw) is EventIn:
+        if type(raw) is EventIn or type(raw) is Fired:
             campaign, user = raw.campaign, raw.user
         else:
             ev = check_event(raw, now_ms)[0]
@@ -64,6 +76,11 @@ _new = tuple.__new__
 _NONE: tuple[()] = ()  # no actions, no refusals: one shared empty value (journal entries are never mutated)
 _NO_CHANGES: dict[str, Any] = {}  # likewise, the changes of a run that wrote nothing
 CHUNK_RUNS = 256  # with a time budget, rules run in chunks of about this many runs, the time checked between
+
+
+# One change to a key group's timers, in decision order: ("set", user key, event id, due ms, the Fired event) or
+# ("del", user key, event id, 0, None).
+TimerOp = tuple[str, str, str, int, Fired | None]
 
 
 @dataclass
@@ -82,6 +99,9 @@ class BatchOutcome:
     deferred: int = 0
     same_batch: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
     earlier: list[tuple[int, str, str]] = field(default_factory=list)
+    sends: list[tuple[str, EventIn]] = field(default_factory=list)  # (sender's user key, event made by `send`)
+    timers: list[TimerOp] = field(default_factory=list)  # in decision order
+    counts: dict[str, int] = field(default_factory=dict)  # "sent", "timers_set", "timers_cancelled", "fired"
 
 
 @dataclass
@@ -98,6 +118,7 @@ class _RuleSet:
     rules: list[_Rule]
     size: int
     type: str
+    made: bool = False  # events of this type are made by the campaign's rules (send, later): none from outside
 
 
 @dataclass
@@ -151,8 +172,10 @@ class ShardEngine:
         for rc in c.rules:
             rule = self._build_rule(c, rc, budget_params)
             by_type.setdefault(rc.on, []).append(rule)
+        made = {t for rc in c.rules for t in rc.sends}
         rulesets = {
-            t: _RuleSet(self.sandbox.define_ruleset([r.handle for r in rules], c.id, t), rules, len(rules), t)
+            t: _RuleSet(self.sandbox.define_ruleset([r.handle for r in rules], c.id, t), rules, len(rules), t,
+                        t in made)
             for t, rules in by_type.items()
         }
         clock = CampaignClock(c.timezone)
@@ -169,7 +192,7 @@ class ShardEngine:
             self.scripts.add(name, rc.source, 1)
             version, script = self.scripts.active(name)
         params = {t: p for t, p in budget_params.items() if t in rc.emits}
-        handle = self.sandbox.define_rule(rc.id, script, list(rc.emits), params)
+        handle = self.sandbox.define_rule(rc.id, script, list(rc.emits), params, list(rc.sends))
         rule = _Rule(rc.id, name, handle, version)
         self._rules_by_script.setdefault(name, []).append(rule)
         return rule
@@ -212,11 +235,14 @@ class ShardEngine:
             # The per-event loop: every line here costs on every event (attribute reads of locals, no calls
             # that could be avoided; keys.user_key and state.event_digest are inlined).
             blob: bytes | bool | None
-            if type(raw) is EventIn:
-                eid, campaign, user, etype, ts, blob = raw.id, raw.campaign, raw.user, raw.type, raw.ts, None
+            tp = type(raw)
+            if tp is EventIn or tp is Fired:
+                eid, campaign, user, etype, ts, blob, depth = (raw.id, raw.campaign, raw.user, raw.type, raw.ts, None,
+                                                               raw.depth)
                 if ts is None:
                     ts = now_ms
             else:
+                depth = 0
                 ev, reason = check_event(raw, now_ms)
                 if ev is None:
                     rid = raw.get("id") if type(raw) is dict else raw.id if type(raw) is Rejected else None
@@ -229,10 +255,19 @@ class ShardEngine:
                 results[idx] = {"id": eid, "status": "rejected", "actions": [],
                                 "errors": [f"campaign: unknown campaign {campaign!r}"]}
                 continue
+            rs = camp.rulesets.get(etype)
+            if rs is not None and rs.made and not depth:
+                results[idx] = {"id": eid, "status": "rejected", "actions": [], "errors": [
+                    f"type: {etype!r} events are made by this campaign's rules (their sends); a gameplay cannot "
+                    f"send them"]}
+                continue
             key = f"{campaign}\x00{user}"  # = keys.user_key
             st = users.get(key)
             if st is None:
                 st = users[key] = UserState(slot=self.sandbox.new_slot())
+            if tp is Fired and not self._take_timer(st, raw, key, outcome):
+                results[idx] = {"id": eid, "status": "duplicate", "actions": [], "errors": []}  # cancelled/replaced
+                continue
             id_b = eid.encode()
             digest = (crc32(id_b) | crc32(id_b, DIGEST_SEED) << 32).to_bytes(8, "little")
             seen = st.seen
@@ -256,18 +291,15 @@ class ShardEngine:
             res = results[idx] = {"id": eid, "status": "applied", "actions": [], "errors": []}
             if firsts is not None:
                 firsts[(key, eid)] = res
-            if not camp.starts_ms <= ts < camp.ends_ms:
-                continue
-            rs = camp.rulesets.get(etype)
-            if rs is None:
+            if rs is None or not camp.starts_ms <= ts < camp.ends_ms:
                 continue
             off = camp.offsets.get(ts // 900_000)
             day = (ts + off) // 86_400_000 if off is not None else camp.clock.day(ts)  # = clock.day(ts)
             if blob is None:  # an EventIn's data, as it arrived
                 wire = bytes(raw.data)  # b"", b"\xc0" (nil) or b"\x80" (an empty map): no data
                 blob = wire if len(wire) > 1 else False
-            cols += (id_b, user.encode(), ts, day, blob, st.slot, rs.handle)
-            add_work((idx, eid, user, ts, st, day, camp, rs, blob))
+            cols += (id_b, user.encode(), ts, day, blob, st.slot, rs.handle, depth)
+            add_work((idx, eid, user, ts, st, day, camp, rs, blob, depth, raw))
             runs += rs.size
             if deadline is not None and runs >= CHUNK_RUNS:
                 self._apply(work, self.sandbox.run_batch(cols, len(work), runs), outcome)
@@ -287,23 +319,31 @@ class ShardEngine:
         """Turn the rule runs' records into actions (through caps and budgets) and journal entries."""
         ri = 0
         add_decision = out.journal.append
-        for idx, eid, user, ts, st, day, camp, rs, blob in work:
+        for idx, eid, user, ts, st, day, camp, rs, blob, depth, raw in work:
             cid = camp.id
+            fired = _NONE if type(raw) is not Fired else [{"fired": raw.timer}]
             for rule in rs.rules:
                 err, changes, emits = records[ri]
                 ri += 1
                 if err is None and emits is None:  # the common run: writes (or none), nothing proposed
                     add_decision(_new(Decision, (cid, user, eid, ts, rule.id, rule.version, _NONE,
-                                                 _NO_CHANGES if changes is None else changes, None, _NONE)))
+                                                 _NO_CHANGES if changes is None else changes, None, _NONE, fired)))
                     continue
                 res = out.results[idx]
                 granted: list[dict[str, Any]] = []
                 refused: list[dict[str, Any]] = []
+                effects: list[dict[str, Any]] = list(fired)
                 if err is not None:
                     res["errors"].append(f"rule {rule.id}: {err}")
-                    out.failed.append(self._failed_entry(eid, cid, user, rs.type, ts, blob, rule, err))
+                    out.failed.append(self._failed_entry(eid, cid, user, rs.type, ts, blob, rule, err, raw))
                 else:
-                    for n, (atype, params) in enumerate(emits):
+                    n = k = 0
+                    for e in emits:
+                        if type(e[0]) is not str:  # an event the rule made (send, later, cancel)
+                            self._effect(e, k, camp, st, user, eid, ts, depth, rule, out, effects, refused)
+                            k += 1
+                            continue
+                        atype, params = e
                         reason = self._admit(camp, st, atype, params, day)
                         if reason:
                             refused.append({"type": atype, "params": params, "reason": reason})
@@ -313,18 +353,85 @@ class ShardEngine:
                                 "campaign": cid, "user": user, "params": params, "cause": eid,
                                 "rule": rule.id, "script_version": rule.version,
                             })
+                        n += 1
                     if granted:
                         res["actions"].extend(granted)
                         out.actions.extend(granted)
                 add_decision(_new(Decision, (cid, user, eid, ts, rule.id, rule.version, granted,
-                                             changes if changes is not None else {}, err, refused)))
+                                             changes if changes is not None else {}, err, refused, effects)))
+
+    # -- events rules make: sends and timers -------------------------------------------------------
+    @staticmethod
+    def _take_timer(st: UserState, fired: Fired, key: str, out: BatchOutcome) -> bool:
+        """A due timer arrives: True (and the timer is removed) when the user still holds it; False when it was
+        replaced or cancelled since it was read (its entry is removed all the same)."""
+        timers = st.timers
+        t = timers.get(fired.timer) if timers else None
+        out.timers.append(("del", key, fired.id, 0, None))
+        if t is None or t[0] != fired.id:
+            return False
+        assert timers is not None
+        del timers[fired.timer]
+        if not timers:
+            st.timers = None
+        out.counts["fired"] = out.counts.get("fired", 0) + 1
+        return True
+
+    def _effect(self, e: list[Any], k: int, camp: _Campaign, st: UserState, user: str, eid: str, ts: int, depth: int,
+                rule: _Rule, out: BatchOutcome, effects: list[dict[str, Any]], refused: list[dict[str, Any]]) -> None:
+        """Turn one event a rule run made (its `k`-th) into a send or a timer change (see Sandbox.run_batch)."""
+        kind = e[0]
+        cid = camp.id
+        counts = out.counts
+        if kind == 3:  # cancel(key)
+            name = e[1]
+            old = st.timers.pop(name, None) if st.timers else None
+            if old is not None:
+                out.timers.append(("del", user_key(cid, user), old[0], 0, None))
+                counts["timers_cancelled"] = counts.get("timers_cancelled", 0) + 1
+                if not st.timers:
+                    st.timers = None
+            effects.append({"cancel": name, "id": old[0] if old is not None else None})
+            return
+        etype, data = e[1], e[2]
+        wire = msgspec.Raw(_pack_data(data)) if data else msgspec.Raw(b"")
+        if kind == 1:  # send(user, type, data)
+            target = e[3]
+            sid = derived_event_id("s", cid, user, eid, rule.id, k)
+            out.sends.append((user_key(cid, user), EventIn(sid, cid, target, etype, ts, wire, eid, depth + 1)))
+            counts["sent"] = counts.get("sent", 0) + 1
+            effects.append({"send": target, "type": etype, "id": sid})
+            return
+        delay, key = e[3], e[4]  # later(delay_ms, type, data [, key])
+        tid = derived_event_id("t", cid, user, eid, rule.id, k)
+        name = key or tid
+        due = min(ts + delay, MAX_TS - 1)
+        timers = st.timers
+        if timers is None:
+            timers = st.timers = {}
+        old = timers.get(name)
+        if old is None and len(timers) >= MAX_PENDING_TIMERS:
+            refused.append({"type": etype, "params": {"timer": name},
+                            "reason": f"timers: the user has {MAX_PENDING_TIMERS} timers pending"})
+            return
+        ukey = user_key(cid, user)
+        if old is not None:
+            out.timers.append(("del", ukey, old[0], 0, None))
+        timers[name] = (tid, due, etype)
+        out.timers.append(("set", ukey, tid, due, Fired(tid, cid, user, etype, due, wire, eid, depth + 1,
+                                                                  name)))
+        counts["timers_set"] = counts.get("timers_set", 0) + 1
+        effects.append({"later": name, "type": etype, "id": tid, "due": due})
 
     @staticmethod
     def _failed_entry(eid: str, campaign: str, user: str, etype: str, ts: int, blob: bytes | bool, rule: _Rule,
-                      err: str) -> dict[str, Any]:
+                      err: str, raw: Any = None) -> dict[str, Any]:
         event: dict[str, Any] = {"id": eid, "campaign": campaign, "user": user, "type": etype, "ts": ts}
         if blob:
             event["data"] = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+        if type(raw) is EventIn or type(raw) is Fired:
+            if raw.depth:
+                event["cause"], event["depth"] = raw.cause, raw.depth
         return {"event": event, "rule": rule.id, "script_version": rule.version, "error": err}
 
     def _admit(self, camp: _Campaign, st: UserState, atype: str, params: dict[str, Any], day: int) -> str:
@@ -404,6 +511,11 @@ class ShardEngine:
     def context(self, campaign: str, user: str) -> dict[str, Any]:
         """The user's context as plain data ({} when unknown)."""
         return self.contexts([user_key(campaign, user)])[0]
+
+    def timers(self, campaign: str, user: str) -> list[dict[str, Any]]:
+        """The user's pending timers, soonest first (see state.pending_timers); [] when unknown."""
+        st = self.users.get(user_key(campaign, user))
+        return pending_timers(st) if st is not None else []
 
     def contexts(self, keys: list[str]) -> list[dict[str, Any]]:
         users = self.users

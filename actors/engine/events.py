@@ -16,23 +16,28 @@ from typing import Annotated, Any, NamedTuple
 import msgpack
 import msgspec
 
-__all__ = ["MAX_DATA_BYTES", "Event", "EventIn", "Rejected", "check_event", "decode_event_raw", "decode_events",
-           "decode_json_events", "encode_event", "encode_events", "is_msgpack_array", "is_msgpack_map",
-           "msgpack_array"]
+__all__ = ["MAX_DATA_BYTES", "MAX_DEPTH", "Event", "EventIn", "Fired", "Rejected", "check_event", "decode_event_raw",
+           "decode_events", "decode_json_events", "encode_event", "encode_events", "from_gameplays", "is_msgpack_array",
+           "is_msgpack_map", "msgpack_array"]
 
 MAX_DATA_BYTES = 16 * 1024
 MAX_ID = 128
 MAX_NAME = 256
 MAX_TS = 2**53
+MAX_DEPTH = 8  # a rule run on an event of this chain depth may not send nor set timers
 
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID)]
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
 _Ts = Annotated[int, msgspec.Meta(ge=0, lt=MAX_TS)]
+_Depth = Annotated[int, msgspec.Meta(ge=0, le=MAX_DEPTH)]
 _NO_DATA = msgspec.Raw(b"")
 
 
 class EventIn(msgspec.Struct, omit_defaults=True):
-    """An event on the wire (msgpack): `data` is the raw msgpack of its object (empty when absent)."""
+    """An event on the wire (msgpack): `data` is the raw msgpack of its object (empty when absent).
+
+    Events made by rules (`send`, `later`) also carry `cause`, the id of the event whose rule made them, and
+    `depth`, their chain depth (0 for an event from a gameplay)."""
 
     id: _Id
     campaign: _Name
@@ -40,6 +45,16 @@ class EventIn(msgspec.Struct, omit_defaults=True):
     type: _Name
     ts: _Ts | None = None
     data: msgspec.Raw = _NO_DATA
+    cause: str | None = None
+    depth: _Depth = 0
+
+
+class Fired(EventIn, omit_defaults=True):
+    """A due timer as its owner shard fires it: the event a rule's `later` made, and the timer's name (its key, or
+    its event id when it has no key). Never read from the input: only the shard's timer firer makes these, and
+    the engine decides one only while the user's state still holds that timer (not replaced nor cancelled)."""
+
+    timer: str = ""
 
 
 class _EventJson(msgspec.Struct):
@@ -209,12 +224,23 @@ def _message(e: msgspec.ValidationError) -> str:
     return f"{field}: {what[0].lower() + what[1:]}" if field else text
 
 
+def from_gameplays(events: list[Any]) -> list[Any]:
+    """The events of an input only gameplays write (HTTP, `playbus:in`): one that carries `cause` or `depth`, which
+    playbus sets on the events rules make, is rejected (a producer must not pass its events off as made by rules;
+    the input partitions carry both kinds)."""
+    for i, e in enumerate(events):
+        if type(e) is EventIn and (e.depth or e.cause is not None):
+            events[i] = Rejected(e.id, "cause, depth: set by playbus on the events rules make; a gameplay's event "
+                                       "has neither", None)
+    return events
+
+
 def check_event(raw: Any, now_ms: int) -> tuple[Event | None, str]:
     """(event, "") for a valid event, else (None, reason). `now_ms` is the default `ts`. An EventIn was checked
     when it was decoded; a dict is checked here."""
     if type(raw) is Rejected:
         return None, raw.reason
-    if type(raw) is EventIn:
+    if type(raw) is EventIn or type(raw) is Fired:
         ts = raw.ts
         wire = bytes(raw.data)  # b"", b"\xc0" (nil) or b"\x80" (an empty map): no data
         return _new(Event, (raw.id, raw.campaign, raw.user, raw.type, now_ms if ts is None else ts,

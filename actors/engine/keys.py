@@ -11,8 +11,8 @@ from __future__ import annotations
 from hashlib import blake2b
 from zlib import crc32
 
-__all__ = ["action_id", "group_prefix", "groups_of_shard", "kg_tag", "key_group", "shard_of_group", "split_user_key",
-           "user_key"]
+__all__ = ["action_id", "derived_event_id", "group_prefix", "groups_of_shard", "kg_tag", "key_group", "shard_of_group",
+           "split_user_key", "user_key"]
 
 
 def user_key(campaign: str, user: str) -> str:
@@ -30,6 +30,13 @@ def action_id(campaign: str, user: str, event_id: str, rule: str, index: int) ->
     """Deterministic: the same (event, rule, emit index) always yields the same id."""
     h = blake2b(f"{campaign}\x00{user}\x00{event_id}\x00{rule}\x00{index}".encode(), digest_size=12)
     return "a-" + h.hexdigest()
+
+
+def derived_event_id(kind: str, campaign: str, user: str, event_id: str, rule: str, index: int) -> str:
+    """The id of an event a rule made: `kind` "s" (send) or "t" (later); the same (event, rule, index among the
+    run's sends and timers) always yields the same id, so a retried batch makes the same events."""
+    h = blake2b(f"{kind}\x00{campaign}\x00{user}\x00{event_id}\x00{rule}\x00{index}".encode(), digest_size=12)
+    return f"{kind}-{h.hexdigest()}"
 
 
 def key_group(user_key: str, n: int) -> int:

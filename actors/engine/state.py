@@ -12,9 +12,9 @@ import msgspec
 
 from playbus.actors.engine.errors import StateError
 
-__all__ = ["SNAPSHOT_VERSION", "UserState", "decode_snapshot", "encode_snapshot", "event_digest"]
+__all__ = ["SNAPSHOT_VERSION", "UserState", "pending_timers", "decode_snapshot", "encode_snapshot", "event_digest"]
 
-SNAPSHOT_VERSION = 2
+SNAPSHOT_VERSION = 3  # 3 adds pending timers; a snapshot without timers is still written as version 2
 _DIGEST = 8  # bytes per remembered event id
 _STAMP = 4  # bytes per receive time (seconds since the epoch, little-endian uint32)
 DIGEST_SEED = 0x5BD1E995
@@ -30,17 +30,20 @@ def event_digest(event_id: str) -> bytes:
 
 
 class UserState:
-    """The dedup memory (event id digests, oldest first, with the second each was received) and the cap counters
-    ({cap id: {period: count}}) of one (campaign, user); `slot`: where the sandbox keeps its context."""
+    """The dedup memory (event id digests, oldest first, with the second each was received), the cap counters
+    ({cap id: {period: count}}) and the pending timers ({name: (event id, due ms, event type)}, the name being
+    the timer's key or, without one, its event id) of one (campaign, user); `slot`: where the sandbox keeps its
+    context. The timers here are the authority: a due timer fires only while its user's state still holds it."""
 
-    __slots__ = ("caps", "seen", "slot", "stamps")
+    __slots__ = ("caps", "seen", "slot", "stamps", "timers")
 
     def __init__(self, seen: bytes = b"", stamps: bytes = b"", caps: dict[Any, dict[int, int]] | None = None,
-                 slot: int = 0) -> None:
+                 slot: int = 0, timers: dict[str, tuple[str, int, str]] | None = None) -> None:
         self.seen = seen
         self.stamps = stamps
         self.caps = caps
         self.slot = slot
+        self.timers = timers
 
     def has_seen(self, digest: bytes) -> bool:
         seen = self.seen
@@ -63,11 +66,24 @@ class UserState:
             self.stamps = stamps[drop * _STAMP:]
 
 
+def pending_timers(state: UserState) -> list[dict[str, Any]]:
+    """A user's pending timers, soonest first: [{"key", "id", "type", "due"}] ("key" None for a timer set without
+    one)."""
+    if not state.timers:
+        return []
+    return [{"key": None if name == eid else name, "id": eid, "type": etype, "due": due}
+            for name, (eid, due, etype) in sorted(state.timers.items(), key=lambda kv: (kv[1][1], kv[0]))]
+
+
 def encode_snapshot(state: UserState, context: bytes | None) -> bytes:
-    """msgpack [version, seen, stamps, caps [[cap id, period, n], ...], context-msgpack-or-nil]."""
+    """msgpack [version, seen, stamps, caps [[cap id, period, n], ...], context-msgpack-or-nil], and for version 3
+    (a user with pending timers) [[name, event id, due, type], ...] after them."""
     caps = [[i, p, n] for i, periods in sorted(state.caps.items()) for p, n in sorted(periods.items())] \
         if state.caps else []
-    return _encode([SNAPSHOT_VERSION, state.seen, state.stamps, caps, context])
+    if state.timers:
+        timers = [[name, eid, due, etype] for name, (eid, due, etype) in state.timers.items()]
+        return _encode([SNAPSHOT_VERSION, state.seen, state.stamps, caps, context, timers])
+    return _encode([2, state.seen, state.stamps, caps, context])
 
 
 def decode_snapshot(blob: bytes) -> tuple[UserState, bytes | None]:
@@ -77,18 +93,22 @@ def decode_snapshot(blob: bytes) -> tuple[UserState, bytes | None]:
     and integer cap keys, which the engine maps to the cap at that position of the campaign."""
     try:
         v: Any = _decode(blob)
+        timers: Any = ()
         if v[0] == 1:
             version, seen, caps, context = v
             stamps = bytes(_STAMP * (len(seen) // _DIGEST))
-        else:
+        elif v[0] == 2:
             version, seen, stamps, caps, context = v
+        else:
+            version, seen, stamps, caps, context, timers = v
     except Exception as e:  # noqa: BLE001 - any decoding failure is a bad snapshot
         raise StateError(f"cannot decode user snapshot: {e}") from None
-    if version not in (1, SNAPSHOT_VERSION):
+    if version not in (1, 2, SNAPSHOT_VERSION):
         raise StateError(f"user snapshot version {version!r} is not supported (expected {SNAPSHOT_VERSION})")
     if len(seen) % _DIGEST or len(stamps) != len(seen) // _DIGEST * _STAMP:
         raise StateError("user snapshot: dedup ids and receive times do not match")
     counters: dict[Any, dict[int, int]] = {}
     for i, p, n in caps:
         counters.setdefault(i, {})[int(p)] = int(n)
-    return UserState(bytes(seen), bytes(stamps), counters or None), context
+    pending = {name: (eid, int(due), etype) for name, eid, due, etype in timers}
+    return UserState(bytes(seen), bytes(stamps), counters or None, timers=pending or None), context

@@ -17,11 +17,14 @@ from typing import Any
 import msgpack
 
 from playbus.actors.engine.engine import ShardEngine
+from playbus.actors.engine.local import LocalRun
 from playbus.actors.service.replies import MAX_EVENTS, Response, error, reply
 from playbus.actors.store.catalog import ScriptCatalog
 from playbus.config.schema import Config
 from playbus.scripting.errors import ScriptCompileError
 from playbus.scripting.sandbox import Sandbox
+
+MAX_MADE = 10_000  # events a dry run's rules may make (sends, timers fired) before it is refused
 
 __all__ = ["MAX_SCRIPT", "AdminApi"]
 
@@ -140,7 +143,16 @@ class AdminApi:
                   if x["name"] != name and x["active"]]
         stored.append({"name": name, "active": v, "versions": {v: source}})
         engine = ShardEngine(self.config, scripts=stored)
-        if context:
-            engine.start_users(events, context_blob)
-        out = engine.process(events, int(time.time() * 1000))
-        return reply(200, {"results": out.results})
+        # Sends are decided in-process right after the event that made them, timers fire by the events' clock
+        # and at the end (the last event's time plus the longest timer): they are listed under "made".
+        run = LocalRun(engine, int(time.time() * 1000), context_blob if context else None, max_steps=MAX_MADE)
+        results: list[dict[str, Any]] = []
+        made: list[dict[str, Any]] = []
+        try:
+            for raw in events:
+                for step in run.event(raw):
+                    (made if step.via else results).append(step.line() if step.via else step.result)
+            made += [step.line() for step in run.finish()]
+        except RuntimeError as e:  # rules fanning out past MAX_MADE events
+            return error(422, str(e))
+        return reply(200, {"results": results, "made": made})

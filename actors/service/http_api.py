@@ -16,9 +16,9 @@ from urllib.parse import parse_qs, unquote
 import msgpack
 import redis
 
-from playbus.actors.engine.events import decode_events, decode_json_events
+from playbus.actors.engine.events import decode_events, decode_json_events, from_gameplays
 from playbus.actors.engine.keys import user_key
-from playbus.actors.engine.state import decode_snapshot
+from playbus.actors.engine.state import decode_snapshot, pending_timers
 from playbus.actors.service.admin import AdminApi
 from playbus.actors.service.replies import MAX_BODY, MAX_EVENTS, Response, error, reply
 from playbus.actors.service.router import Router
@@ -91,7 +91,7 @@ class IngressCore:
         ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
         msgpack_body = ctype in ("application/msgpack", "application/x-msgpack")
         try:
-            events: list[Any] = decode_events(body) if msgpack_body else decode_json_events(body)
+            events: list[Any] = from_gameplays(decode_events(body) if msgpack_body else decode_json_events(body))
         except Exception as e:  # noqa: BLE001 - any decoding failure is a 400
             return error(400, f"body is not valid {'msgpack' if msgpack_body else 'JSON'}: {e}")
         if len(events) > MAX_EVENTS:
@@ -120,13 +120,16 @@ class IngressCore:
 
     # -- reads -------------------------------------------------------------------------------------
     def get_context(self, campaign: str, user: str) -> Response:
+        """The user's committed context, and the timers its rules set that have not fired yet (soonest first)."""
         blob = self.store.snapshot_of(user_key(campaign, user))
         ctx: dict[str, Any] = {}
+        timers: list[dict[str, Any]] = []
         if blob is not None:
-            _, raw = decode_snapshot(blob)
+            state, raw = decode_snapshot(blob)
             if raw:
                 ctx = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-        return reply(200, {"campaign": campaign, "user": user, "context": ctx})
+            timers = pending_timers(state)
+        return reply(200, {"campaign": campaign, "user": user, "context": ctx, "timers": timers})
 
     def get_decisions(self, campaign: str, user: str, query: str) -> Response:
         q = parse_qs(query)
@@ -136,7 +139,7 @@ class IngressCore:
             return error(400, "limit must be an integer")
         limit = max(0, min(limit, MAX_DECISIONS))
         entries = self.store.journal(user_key(campaign, user), limit)
-        keep = ("event", "ts", "rule", "script_version", "actions", "changes", "error", "refused")
+        keep = ("event", "ts", "rule", "script_version", "actions", "changes", "error", "refused", "effects")
         return reply(200, {"decisions": [{k: e.get(k) for k in keep} for e in entries]})
 
     async def healthz(self) -> Response:

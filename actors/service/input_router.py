@@ -23,7 +23,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from playbus.actors.engine.events import EventIn, Rejected, decode_event_raw, encode_event, msgpack_array
+from playbus.actors.engine.events import (
+    EventIn,
+    Rejected,
+    decode_event_raw,
+    encode_event,
+    from_gameplays,
+    msgpack_array,
+)
 from playbus.actors.engine.keys import group_prefix, key_group, user_key
 from playbus.actors.service.partition_reader import MAX_EVENT, decode_entry, rejection, rejection_of
 from playbus.actors.store.commit import REJECTED_STREAM
@@ -95,7 +102,7 @@ class InputRouter:
                 continue
             if len(flat) == 2 and flat[0] == b"event" and len(flat[1]) <= MAX_EVENT:
                 ev = decode_event_raw(flat[1])
-                if ev is not None:
+                if ev is not None and not ev.depth and ev.cause is None:
                     kg = key_group(user_key(ev.campaign, ev.user), n)
                     group = by_group.get(kg)
                     if group is None:
@@ -109,7 +116,7 @@ class InputRouter:
             if reason:
                 rejected.append(rejection(entry_id.decode(), None, fields.get(b"event") or b"", reason))
                 continue
-            for e in events:
+            for e in from_gameplays(events):
                 if type(e) is Rejected:
                     rejected.append(rejection_of(entry_id.decode(), None, e))
                     continue

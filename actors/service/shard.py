@@ -48,6 +48,9 @@ class PreparedBatch:
     size: int  # events decided
     deferred: int = 0  # events at the end left for the next batch (the batch's decide time ran out)
     earlier: list[tuple[int, str, str]] = field(default_factory=list)  # duplicates of earlier batches
+    sends: list[Any] = field(default_factory=list)  # (sender's user key, event) for other users' partitions
+    timers: list[Any] = field(default_factory=list)  # timer changes, in decision order
+    counts: dict[str, int] = field(default_factory=dict)  # sends and timers set, cancelled and fired
 
 
 class ShardCore:
@@ -73,6 +76,7 @@ class ShardCore:
         self.epochs = self.store.claim(sorted(self.groups))
         self.batches = 0
         self.events = 0
+        self.counts: dict[str, int] = {}  # sends made, timers set, cancelled and fired (committed)
         self.last_commit_ms = 0.0
         self.commit_ms: deque[float] = deque(maxlen=10_000)  # recent commit latencies, for metrics
         self.fenced = False  # a newer owner claimed (some of) our key groups: this shard must exit
@@ -122,7 +126,8 @@ class ShardCore:
                     ";".join(f"{c}\x00{b}={n}" for (c, b), n in deficit.items()))
             dirty = eng.take_dirty()
             return PreparedBatch(outcome.results, dirty, eng.snapshot(dirty), outcome.journal, outcome.actions,
-                                 outcome.failed, len(outcome.results), outcome.deferred, outcome.earlier)
+                                 outcome.failed, len(outcome.results), outcome.deferred, outcome.earlier,
+                                 outcome.sends, outcome.timers, outcome.counts)
         except BaseException:
             self.budgets.rollback(mark)
             raise
@@ -168,7 +173,8 @@ class ShardCore:
         t = time.perf_counter()
         try:
             self.store.commit(self.epochs, batch.snapshots, batch.journal, batch.actions, batch.failed,
-                              self.stream_targets, self.webhooks, offsets=offsets, rejected=rejected)
+                              self.stream_targets, self.webhooks, offsets=offsets, rejected=rejected,
+                              sends=batch.sends, timers=batch.timers)
         except Exception as e:
             self.fenced = self.fenced or isinstance(e, FencedError)
             self.last_commit_error = f"{type(e).__name__}: {e}"
@@ -182,6 +188,8 @@ class ShardCore:
         self.commit_ms.append(self.last_commit_ms)
         self.batches += 1
         self.events += batch.size
+        for k, n in batch.counts.items():
+            self.counts[k] = self.counts.get(k, 0) + n
         log.debug("shard %d batch %d: %d events, %d actions, commit %.2f ms", self.shard, self.batches,
                   batch.size, len(batch.actions), self.last_commit_ms)
 
@@ -197,10 +205,13 @@ class ShardCore:
 
     # -- reads -------------------------------------------------------------------------------------
     def context(self, campaign: str, user: str) -> dict[str, Any]:
+        self._ensure_loaded(campaign, user)
+        return self.engine.context(campaign, user)
+
+    def _ensure_loaded(self, campaign: str, user: str) -> None:
         key = user_key(campaign, user)
         if key not in self.engine.users:
             self.engine.restore(key, self.store.snapshot_of(key))
-        return self.engine.context(campaign, user)
 
     def health(self) -> dict[str, Any]:
         """This shard's state; `ok` is False while it cannot commit (Redis refusing, fenced), or Redis does not
@@ -220,6 +231,7 @@ class ShardCore:
         disabled = self.engine.sandbox.disabled_rules()
         return {"shard": self.shard, "ok": not problems, "problems": problems, "groups": len(self.groups),
                 "users": len(self.engine.users), "batches": self.batches, "events": self.events,
+                **{k: self.counts.get(k, 0) for k in ("sent", "timers_set", "timers_cancelled", "fired")},
                 "last_commit_ms": self.last_commit_ms,
                 "disabled_rules": [{"rule": r, "why": why} for r, why in disabled]}
 

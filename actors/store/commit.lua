@@ -1,11 +1,12 @@
 -- The commit unit of playbus.actors.store.commit: every key group of a micro-batch in one call, each group its
 -- own fenced, deduplicated unit (one group per call on Redis Cluster, where a call must stay in one slot).
 -- One unit = one key group's share of a micro-batch, written by `unit(k, a)`:
--- KEYS from k: epoch, batch, users, journal, input, offset, then the streams it appends to (outbox, failed,
---       rejected, target streams).
+-- KEYS from k: epoch, batch, users, journal, input, offset, timers, timer events, then the streams it appends to
+--       (outbox, failed, rejected, target streams, other groups' input partitions for the events rules sent).
 -- ARGV from a: epoch, batch token, #snapshots, journal entry ("" for none), journal max length, input offset
---       ("" for none), #streams, then user_key/snapshot pairs, then per stream (KEYS index within the unit,
---       1-based; field; count; values).
+--       ("" for none), #streams, #timer changes, then user_key/snapshot pairs, then per stream (KEYS index within
+--       the unit, 1-based; field; count; values), then the timer changes in order: "S", event id, due ms, event
+--       (set: the sorted set's member and score, the event in the hash) or "D", event id (delete).
 -- A unit returns {"OK"}, {"DUP"} (this batch token was committed already: nothing written),
 -- {"FENCED", current epoch} (the caller is not the owner: nothing written) or {"WRONGTYPE", key, its type}
 -- (a key it would write holds another type: nothing written). Everything that can fail is checked before the
@@ -23,8 +24,8 @@ local function unit(k0, a0)
   if cur ~= ARGV[a0] then return {'FENCED', cur or ''} end
   if redis.call('GET', KEYS[k0 + 1]) == ARGV[a0 + 1] then return {'DUP'} end
   local nsnap, journal, maxlen = tonumber(ARGV[a0 + 2]), ARGV[a0 + 3], ARGV[a0 + 4]
-  local offset, nstream = ARGV[a0 + 5], tonumber(ARGV[a0 + 6])
-  local first = a0 + 7
+  local offset, nstream, ntimer = ARGV[a0 + 5], tonumber(ARGV[a0 + 6]), tonumber(ARGV[a0 + 7])
+  local first = a0 + 8
   -- Checks: the type of every key the unit writes, walking the arguments without writing.
   local checks = {}
   if nsnap > 0 then checks[#checks + 1] = {KEYS[k0 + 2], 'hash'} end
@@ -32,6 +33,10 @@ local function unit(k0, a0)
   if offset ~= '' then
     checks[#checks + 1] = {KEYS[k0 + 4], 'stream'}
     checks[#checks + 1] = {KEYS[k0 + 5], 'string'}
+  end
+  if ntimer > 0 then
+    checks[#checks + 1] = {KEYS[k0 + 6], 'zset'}
+    checks[#checks + 1] = {KEYS[k0 + 7], 'hash'}
   end
   local a = first + 2 * nsnap
   for _ = 1, nstream do
@@ -61,6 +66,17 @@ local function unit(k0, a0)
       redis.call('XADD', key, '*', field, ARGV[i])
     end
     a = a + n
+  end
+  for _ = 1, ntimer do
+    if ARGV[a] == 'S' then
+      redis.call('ZADD', KEYS[k0 + 6], ARGV[a + 2], ARGV[a + 1])
+      redis.call('HSET', KEYS[k0 + 7], ARGV[a + 1], ARGV[a + 3])
+      a = a + 4
+    else
+      redis.call('ZREM', KEYS[k0 + 6], ARGV[a + 1])
+      redis.call('HDEL', KEYS[k0 + 7], ARGV[a + 1])
+      a = a + 2
+    end
   end
   if offset ~= '' then
     redis.call('SET', KEYS[k0 + 5], offset)

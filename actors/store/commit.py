@@ -9,9 +9,15 @@ Key layout (the key group's hash tag keeps every key of a group in one Redis Clu
     playbus:{kg17}:in        stream  the group's input partition: field "events" = msgpack array of events
                                      (a record batch), or "event" = one event (JSON or msgpack)
     playbus:{kg17}:offset    string  the last entry of the input partition that a committed batch consumed
+    playbus:{kg17}:timers    zset    pending timers of the group's users: event id, scored by due time (ms)
+    playbus:{kg17}:timer_events hash event id -> the timer's event (msgpack, actors.engine.events.Fired)
     playbus:{kg17}:outbox    stream  field "action" = action JSON, for the delivery worker
     playbus:{kg17}:failed    stream  field "entry" = failed rule run JSON, for replay (补单)
-Actions of a stream target are XADDed to the target stream (field "action") inside the group's unit: exactly
+Events that rules `send` are XADDed to the target user's input partition (field "events", one record batch per
+target group) inside the sender's unit, and a timer set, replaced, cancelled or fired changes its group's
+`timers` and `timer_events` in the unit that decided it: both are exactly once with the state (on Redis Cluster,
+where the target partition is in another slot, sends will go through the outbox). Actions of a stream target are
+XADDed to the target stream (field "action") inside the group's unit: exactly
 once with the state on a single Redis. On Redis Cluster that stream is in another slot: pass no
 `stream_targets`, and every action goes through the outbox instead (at least once, same ids). Invalid input
 events are XADDed to `playbus:rejected` inside the unit that consumes them.
@@ -29,6 +35,7 @@ from hiredis import pack_command
 from redis.exceptions import NoScriptError
 
 from playbus.actors.engine.decisions import Decision
+from playbus.actors.engine.events import EventIn, Fired, encode_events
 from playbus.actors.engine.keys import group_prefix, key_group, user_key
 from playbus.actors.store.errors import FencedError, StoreError
 from playbus.actors.store.scripts import lua
@@ -60,7 +67,7 @@ def _collect(decisions: list[Any], found: dict[str, list[dict[str, Any]]]) -> No
 class _Unit:
     """What one commit writes to one key group."""
 
-    __slots__ = ("decisions", "failed", "kg", "offset", "outbox", "rejected", "snaps", "streams")
+    __slots__ = ("decisions", "failed", "kg", "offset", "outbox", "rejected", "sends", "snaps", "streams", "timers")
 
     def __init__(self, kg: int) -> None:
         self.kg = kg
@@ -70,6 +77,8 @@ class _Unit:
         self.failed: list[bytes] = []
         self.rejected: list[bytes] = []
         self.streams: dict[str, list[bytes]] = {}
+        self.sends: dict[int, list[EventIn]] = {}  # target group -> events rules sent there
+        self.timers: list[tuple[Any, ...]] = []  # the timer changes' arguments, in order
         self.offset = ""
 
 
@@ -123,6 +132,12 @@ class RedisStore:
 
     def offset_key(self, kg: int) -> str:
         return self._prefix[kg] + "offset"
+
+    def timers_key(self, kg: int) -> str:
+        return self._prefix[kg] + "timers"
+
+    def timer_events_key(self, kg: int) -> str:
+        return self._prefix[kg] + "timer_events"
 
     # -- ownership ---------------------------------------------------------------------------------
     def claim(self, groups: Iterable[int]) -> dict[int, int]:
@@ -230,11 +245,15 @@ class RedisStore:
         batch_id: str | None = None,
         offsets: Mapping[int, str] | None = None,
         rejected: Mapping[int, list[bytes]] | None = None,
+        sends: Iterable[tuple[str, EventIn]] = (),
+        timers: Iterable[tuple[str, str, str, int, Fired | None]] = (),
     ) -> list[int]:
         """Write one micro-batch: one atomic unit per key group touched, all in one round trip.
 
         `offsets`: per group, the last entry of its input partition this batch consumed (written in the unit);
         `rejected`: per group, invalid input events to add to `playbus:rejected` (field "rejected").
+        `sends`: (sender's user key, event) of the events rules made for other users, added to their groups' input
+        partitions by the unit of the sender; `timers`: timer changes in decision order (see engine.TimerOp).
 
         Each unit checks the group's epoch against `epochs` first and writes nothing when fenced; the
         other groups are committed and FencedError lists the fenced ones. Every unit carries a batch
@@ -282,6 +301,17 @@ class RedisStore:
             ukey = user_key(ev["campaign"], ev["user"])
             u = unit_of.get(ukey) or unit(ukey)
             u.failed.append(_dumps(f))
+        for sender, ev in sends:
+            u = unit_of.get(sender) or unit(sender)
+            target = key_group(user_key(ev.campaign, ev.user), n)
+            u.sends.setdefault(target, []).append(ev)
+        for ukey, (op, _, tid, due, fired) in ((t[1], t) for t in timers):
+            u = unit_of.get(ukey) or unit(ukey)
+            if op == "set":
+                assert fired is not None
+                u.timers.append(("S", tid, due, _pack(fired)))
+            else:
+                u.timers.append(("D", tid))
         for kg, offset in (offsets or {}).items():
             units.setdefault(kg, _Unit(kg)).offset = offset
         for kg, entries in (rejected or {}).items():
@@ -323,7 +353,8 @@ class RedisStore:
     def _unit_call(self, u: _Unit, epoch: int, batch_id: str) -> tuple[list[Any], list[Any]]:
         """KEYS and ARGV of one group's commit unit (see commit.lua)."""
         p = self._prefix[u.kg]
-        keys: list[Any] = [p + "epoch", p + "batch", p + "users", p + "journal", p + "in", p + "offset"]
+        keys: list[Any] = [p + "epoch", p + "batch", p + "users", p + "journal", p + "in", p + "offset", p + "timers",
+                           p + "timer_events"]
         body: list[Any] = []
         nstreams = 0
         for key, field, values in ((p + "outbox", "action", u.outbox), (p + "failed", "entry", u.failed),
@@ -336,10 +367,17 @@ class RedisStore:
             keys.append(stream)
             body += (len(keys), "action", len(payloads), *payloads)
             nstreams += 1
+        for target, events in u.sends.items():
+            keys.append(self._prefix[target] + "in")
+            body += (len(keys), "events", 1, encode_events(events))
+            nstreams += 1
         journal = _pack(u.decisions) if u.decisions else ""
-        args: list[Any] = [epoch, batch_id, len(u.snaps) // 2, journal, self.journal_maxlen, u.offset, nstreams]
+        args: list[Any] = [epoch, batch_id, len(u.snaps) // 2, journal, self.journal_maxlen, u.offset, nstreams,
+                           len(u.timers)]
         args += u.snaps
         args += body
+        for op in u.timers:
+            args += op
         return keys, args
 
     def _run(self, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:

@@ -43,9 +43,39 @@ function decide(event, ctx)
 end
 """
 
+# Rules that reach other users and the future: a helper credits an inviter (send), a task sets a deadline
+# (later) that its completion cancels.
+HELPED = """\
+function decide(event, ctx)
+  send(event.data.inviter, "assist.credited", {helper = event.user})
+end
+"""
+CREDITED = """\
+function decide(event, ctx)
+  if ctx:incr("assist.credits", 1) == 2 then emit("lottery.grant_chance", {chances = 2}) end
+end
+"""
+DEADLINE = """\
+function decide(event, ctx)
+  if event.type == "task.accepted" then
+    later(event.data.within_ms, "task.expired", {task = event.data.task}, "task." .. event.data.task)
+  elseif event.type == "task.completed" then
+    cancel("task." .. event.data.task)
+    ctx:incr("task.done", 1)
+  else
+    ctx:incr("task.expired", 1)
+  end
+end
+"""
+
 RULES = [
     {"id": "first_quiz", "on": "quiz.answered", "script": "first_quiz", "emits": ["lottery.grant_chance"]},
     {"id": "checkin_count", "on": "checkin.checked_in", "script": "checkin_count", "emits": []},
+    {"id": "helped", "on": "assist.helped", "script": "helped", "sends": ["assist.credited"]},
+    {"id": "credited", "on": "assist.credited", "script": "credited", "emits": ["lottery.grant_chance"]},
+    {"id": "accepted", "on": "task.accepted", "script": "deadline", "sends": ["task.expired"]},
+    {"id": "completed", "on": "task.completed", "script": "deadline"},
+    {"id": "expired", "on": "task.expired", "script": "deadline"},
 ]
 SETTINGS = {"shards": 2, "key_groups": 16, "dedup_window": 64, "batch": {"max_events": 500, "max_wait_ms": 2},
             "sandbox": {"max_instructions": 200000, "max_memory_kb": 4096}}
@@ -136,7 +166,8 @@ def event(eid: str, user: str, type: str = "quiz.answered", ts: int = T0, **data
 
 
 def _write_config(base: Path) -> Path:
-    return write_config(base, {"first_quiz": FIRST_QUIZ_V1, "checkin_count": CHECKIN_V1}, RULES, name="e2e.yaml",
+    return write_config(base, {"first_quiz": FIRST_QUIZ_V1, "checkin_count": CHECKIN_V1, "helped": HELPED,
+                                 "credited": CREDITED, "deadline": DEADLINE}, RULES, name="e2e.yaml",
                         campaign=CAMPAIGN, targets={"lottery": {"stream": LOTTERY}}, **SETTINGS)
 
 

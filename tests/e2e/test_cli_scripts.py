@@ -77,7 +77,7 @@ def test_scripts_push_of_a_broken_script_exits_2_with_the_line(
 def test_scripts_list_shows_every_script(playbus: Playbus, pushed: subprocess.CompletedProcess[str]) -> None:
     listing = ok_json(run("scripts", "list", env=cli_env(playbus)))
     by_name = {s["name"]: s for s in listing["scripts"]}
-    assert set(by_name) == {"first_quiz", "checkin_count"}
+    assert set(by_name) == {"first_quiz", "checkin_count", "helped", "credited", "deadline"}
     assert by_name["checkin_count"] == {"name": "checkin_count", "active": 1, "versions": [1, 2]}
 
 
@@ -130,7 +130,7 @@ def test_scripts_dry_run_with_version_source_and_context(playbus: Playbus, tmp_p
         {"id": "cli-dry-1", "status": "applied", "actions": [action("cli-dry-1", 1, 1)], "errors": []},
         {"id": "cli-dry-2", "status": "applied", "actions": [], "errors": []},
         rejected,
-    ]}
+    ], "made": []}
     got = ok_json(run("scripts", "dry-run", "first_quiz", "--events", str(events), "--source", str(source),
                       env=cli_env(playbus)))
     assert [r["status"] for r in got["results"]] == ["applied", "applied", "rejected"]
@@ -152,17 +152,23 @@ def test_scripts_refuse_without_or_with_a_wrong_token(playbus: Playbus) -> None:
     assert p.stderr.startswith("playbus: cannot reach playbus at http://127.0.0.1:1"), p.stderr
 
 
-def test_dry_run_of_the_example_campaign_prints_one_json_line_per_event() -> None:
+def test_dry_run_of_the_example_campaign_prints_one_json_line_per_event_and_per_event_its_rules_made() -> None:
     p = run("dry-run", "--config", "config/example.yaml", "--events", "config/example-events.jsonl")
     assert p.returncode == 0, p.stderr
     events = [json.loads(line) for line in (ROOT / "config/example-events.jsonl").read_text().splitlines()
               if line.strip()]
-    lines = [json.loads(line) for line in p.stdout.splitlines()]
-    assert len(lines) == len(events) == 35
+    every = [json.loads(line) for line in p.stdout.splitlines()]
+    lines = [x for x in every if "made" not in x]
+    assert len(lines) == len(events) == 42
     assert [x["id"] for x in lines] == [e["id"] for e in events]
     for x in lines:
         assert set(x) == {"id", "status", "actions", "errors", "context"}, x
         assert x["status"] in ("applied", "duplicate", "rejected")
+    made = [x for x in every if "made" in x]
+    assert sorted((x["made"]["via"], x["made"]["type"]) for x in made) == sorted(
+        [("send", "assist.credited")] * 5 + [("send", "team.reward")] * 6 + [("timer", "checkin.missed")] * 2
+        + [("timer", "task.expired")])
+    assert all(x["status"] == "applied" and x["made"]["depth"] == 1 for x in made)
     assert lines[0] == {
         "id": "evt-quiz-0001", "status": "applied", "errors": [], "context": {"quiz.answered": 1},
         "actions": [{"id": action_id("spring2026", "u-alice", "evt-quiz-0001", "first_quiz_lottery", 0),

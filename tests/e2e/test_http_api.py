@@ -19,7 +19,7 @@ import aiohttp
 import msgpack
 import pytest
 
-from playbus.actors.engine.keys import action_id
+from playbus.actors.engine.keys import action_id, derived_event_id
 from playbus.actors.service.http_api import IngressCore
 from playbus.actors.service.router import Router
 from playbus.config.loader import load_config
@@ -58,10 +58,11 @@ def duplicate(eid: str, actions: list[dict[str, Any]] | None = None) -> dict[str
     return {"id": eid, "status": "duplicate", "actions": actions or [], "errors": []}
 
 
-def results_of(reply: Reply) -> list[dict[str, Any]]:
+def results_of(reply: Reply, dry_run: bool = False) -> list[dict[str, Any]]:
+    """The results of POST /v1/events (or of a dry run, which also lists the events its rules made)."""
     assert reply.status == 200, (reply.status, reply.body[:500])
     doc = reply.json()
-    assert set(doc) == {"results"}
+    assert set(doc) == ({"results", "made"} if dry_run else {"results"})
     for r in doc["results"]:
         assert set(r) == RESULT_KEYS, r
     return doc["results"]  # type: ignore[no-any-return]
@@ -313,7 +314,7 @@ def test_context_and_decisions_newest_first(playbus: Playbus) -> None:
         assert results_of(playbus.post_events(event(f"reads-{i}", user, ts=T0 + 1000 * i)))[0]["status"] == "applied"
     r = playbus.request("GET", f"/v1/campaigns/{CAMPAIGN}/users/{user}/context")
     assert r.status == 200 and r.headers["content-type"].startswith("application/json")
-    assert r.json() == {"campaign": CAMPAIGN, "user": user, "context": {"quiz.answered": 3}}
+    assert r.json() == {"campaign": CAMPAIGN, "user": user, "context": {"quiz.answered": 3}, "timers": []}
 
     two = playbus.decisions(user, limit=2)
     assert [d["event"] for d in two] == ["reads-2", "reads-1"]
@@ -333,12 +334,12 @@ def test_context_and_decisions_newest_first(playbus: Playbus) -> None:
 def test_an_unknown_user_has_empty_context_and_no_decisions(playbus: Playbus) -> None:
     r = playbus.request("GET", f"/v1/campaigns/{CAMPAIGN}/users/nobody-ever/context")
     assert r.status == 200
-    assert r.json() == {"campaign": CAMPAIGN, "user": "nobody-ever", "context": {}}
+    assert r.json() == {"campaign": CAMPAIGN, "user": "nobody-ever", "context": {}, "timers": []}
     r = playbus.request("GET", f"/v1/campaigns/{CAMPAIGN}/users/nobody-ever/decisions?limit=5")
     assert r.status == 200
     assert r.json() == {"decisions": []}
     r = playbus.request("GET", "/v1/campaigns/no-such-campaign/users/nobody-ever/context")
-    assert r.json() == {"campaign": "no-such-campaign", "user": "nobody-ever", "context": {}}
+    assert r.json() == {"campaign": "no-such-campaign", "user": "nobody-ever", "context": {}, "timers": []}
 
 
 def test_user_ids_with_reserved_characters_round_trip(playbus: Playbus) -> None:
@@ -346,7 +347,7 @@ def test_user_ids_with_reserved_characters_round_trip(playbus: Playbus) -> None:
     assert results_of(playbus.post_events(event("odd-user-1", user)))[0]["status"] == "applied"
     r = playbus.request("GET", f"/v1/campaigns/{CAMPAIGN}/users/{quote(user, safe='')}/context")
     assert r.status == 200, r.body
-    assert r.json() == {"campaign": CAMPAIGN, "user": user, "context": {"quiz.answered": 1}}
+    assert r.json() == {"campaign": CAMPAIGN, "user": user, "context": {"quiz.answered": 1}, "timers": []}
     r = playbus.request("GET", f"/v1/campaigns/{CAMPAIGN}/users/{quote(user, safe='')}/decisions?limit=1")
     assert [d["event"] for d in r.json()["decisions"]] == ["odd-user-1"]
 
@@ -582,7 +583,7 @@ def test_dry_run_with_a_stored_version_and_context_has_no_side_effect(playbus: P
     for version, chances in ((1, 1), (2, 2)):
         req = {"version": version, "context": {"quiz.answered": 0},
                "events": [event("dryv-a", user), event("dryv-b", user), {"id": "dryv-bad"}, event("dryv-real", user)]}
-        got = results_of(playbus.admin("POST", "/v1/scripts/first_quiz/dry-run", req))
+        got = results_of(playbus.admin("POST", "/v1/scripts/first_quiz/dry-run", req), dry_run=True)
         assert got == [
             applied("dryv-a", [chance(user, "dryv-a", chances=chances, version=version)]),
             applied("dryv-b"),
@@ -607,7 +608,7 @@ function decide(event, ctx)
 end
 """
     req = {"source": source, "context": {"quiz.answered": 41}, "events": [event("drys-a", user), event("drys-a", user)]}
-    got = results_of(playbus.admin("POST", "/v1/scripts/first_quiz/dry-run", req))
+    got = results_of(playbus.admin("POST", "/v1/scripts/first_quiz/dry-run", req), dry_run=True)
     assert [(r["id"], r["status"], r["errors"]) for r in got] == [
         ("drys-a", "applied", []), ("drys-a", "duplicate", [])]
     (action,) = got[0]["actions"]
@@ -712,3 +713,48 @@ def test_a_killed_ingress_replica_is_replaced_on_the_same_port_within_seconds(pl
         time.sleep(0.5)
     assert status == 200, f"no 200 within 30 s of the replica's kill (last status {status})"
     assert playbus.context("u-after-kill") == {"quiz.answered": 1}
+
+
+def _wait(check: Any, what: str, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (got := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+    return got
+
+
+def test_a_send_credits_another_user_and_timers_fire_show_and_cancel_end_to_end(playbus: Playbus) -> None:
+    helps = [event("e2e-help-1", "e2e-h1", "assist.helped", inviter="e2e-inv"),
+             event("e2e-help-2", "e2e-h2", "assist.helped", inviter="e2e-inv")]
+    assert [r["status"] for r in results_of(playbus.post_events(helps))] == ["applied", "applied"]
+    _wait(lambda: playbus.context("e2e-inv").get("assist.credits") == 2, "the inviter's two credits")
+    granted = [a for d in playbus.decisions("e2e-inv") for a in d["actions"]]
+    assert [(a["type"], a["params"]) for a in granted] == [("lottery.grant_chance", {"chances": 2})]
+    [sent] = [e for d in playbus.decisions("e2e-h1") for e in d["effects"]]
+    assert sent["send"] == "e2e-inv" and sent["type"] == "assist.credited"
+    assert results_of(playbus.post_events(helps))[0]["status"] == "duplicate"
+    # A deadline already past fires at once; one in 399 days (the longest delay is 400) is pending until the task
+    # is completed.
+    far = 399 * 86_400_000
+    results_of(playbus.post_events([event("e2e-acc-1", "e2e-t", "task.accepted", task="t1", within_ms=1000),
+                                    event("e2e-acc-2", "e2e-t", "task.accepted", task="t2", within_ms=far)]))
+    _wait(lambda: playbus.context("e2e-t").get("task.expired") == 1, "the past deadline")
+    r = playbus.request("GET", f"/v1/campaigns/{CAMPAIGN}/users/e2e-t/context")
+    t2 = derived_event_id("t", CAMPAIGN, "e2e-t", "e2e-acc-2", "accepted", 0)
+    assert r.json()["timers"] == [{"key": "task.t2", "id": t2, "type": "task.expired", "due": T0 + far}]
+    results_of(playbus.post_events([event("e2e-done-2", "e2e-t", "task.completed", task="t2")]))
+    r = playbus.request("GET", f"/v1/campaigns/{CAMPAIGN}/users/e2e-t/context")
+    assert r.json()["timers"] == [] and r.json()["context"] == {"task.expired": 1, "task.done": 1}
+    cancelled = [e for d in playbus.decisions("e2e-t") for e in d["effects"] if "cancel" in e]
+    assert cancelled == [{"cancel": "task.t2", "id": t2}]
+    # The admin dry run decides the send in-process and lists it under "made", with no side effect.
+    got = playbus.admin("POST", "/v1/scripts/helped/dry-run",
+                        {"events": [event("e2e-dry-1", "e2e-dh", "assist.helped", inviter="e2e-dinv")],
+                         "context": {"assist.credits": 1}})
+    doc = got.json()
+    assert [r["status"] for r in doc["results"]] == ["applied"]
+    [made] = doc["made"]
+    assert made["made"]["via"] == "send" and made["made"]["user"] == "e2e-dinv"
+    assert made["context"] == {"assist.credits": 2} and made["actions"][0]["params"] == {"chances": 2}
+    assert playbus.context("e2e-dinv") == {}

@@ -69,25 +69,6 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
     return make_cluster_config(tmp_path_factory.mktemp("cluster-config"))
 
 
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False, num_cpus=2, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture
-def cluster(ray_session: None, config: Config, redis_server: RedisServer, clean_redis: Any) -> Iterator[Cluster]:
-    """Two fresh shard actors on an emptied Redis, and an IngressCore in front of them."""
-    c = Cluster(config, redis_server.url)
-    c.start()
-    yield c
-    c.stop()
-
-
 def users_on_shard(shard: int, count: int, prefix: str) -> list[str]:
     router = Router(2, 16)
     found = [u for u in (f"{prefix}{i}" for i in range(1000)) if router.shard_of(CAMPAIGN, u) == shard]

@@ -75,7 +75,10 @@ def test_playbus_dry_run_of_the_packaged_example_from_outside_the_checkout(serve
     events = ROOT / "config" / "example-events.jsonl"
     p = _run([bin_ / "playbus", "dry-run", "--events", events, "--now", "1769000000000"], cwd=work)
     lines = [json.loads(line) for line in p.stdout.splitlines()]
-    assert len(lines) == sum(1 for line in events.read_text().splitlines() if line.strip())
+    # one line per input event, and one per event its rules made (sends, timers fired), which says so
+    assert len([x for x in lines if "made" not in x]) == sum(1 for line in events.read_text().splitlines()
+                                                             if line.strip())
+    assert {x["made"]["via"] for x in lines if "made" in x} == {"send", "timer"}
     first_quiz = next(r for r in lines if r["actions"] and r["actions"][0]["rule"] == "first_quiz_lottery")
     assert first_quiz["actions"][0]["type"] == "lottery.grant_chance"
     assert first_quiz["context"]["quiz.answered"] == 1

@@ -35,12 +35,13 @@ class Box:
         self._events = 0
         self._probes = 0
 
-    def ruleset(self, *sources: str, emits: tuple[str, ...] = ("a.b",), name: str = "attack") -> int:
+    def ruleset(self, *sources: str, emits: tuple[str, ...] = ("a.b",), name: str = "attack",
+                sends: tuple[str, ...] = ()) -> int:
         """Compile each source as a rule r1, r2, ... of one rule set."""
         rules = []
         for i, source in enumerate(sources, 1):
             handle = self.sb.compile(name, source)
-            rules.append(self.sb.define_rule(f"r{i}", handle, list(emits), {}))
+            rules.append(self.sb.define_rule(f"r{i}", handle, list(emits), {}, list(sends)))
         rs = self.sb.define_ruleset(rules, "c1", "quiz")
         self.sizes[rs] = len(rules)
         return rs
@@ -58,12 +59,12 @@ class Box:
 
     def event(
         self, rs: int, *, eid: bytes | None = None, user: bytes = b"u1", ts: int = TS, day: int = DAY,
-        data: Any = None, max_seconds: float = SLOW,
+        data: Any = None, max_seconds: float = SLOW, depth: int = 0,
     ) -> list[Record]:
         """Run one event through the rule set; one record per rule, within `max_seconds`."""
         self._events += 1
         blob = msgpack.packb(data) if data is not None else False
-        cols = [eid or b"e%d" % self._events, user, ts, day, blob, self.slot(user), rs]
+        cols = [eid or b"e%d" % self._events, user, ts, day, blob, self.slot(user), rs, depth]
         assert len(cols) == STRIDE
         started = time.perf_counter()
         records = self.sb.run_batch(cols, 1, self.sizes[rs])
@@ -512,7 +513,7 @@ def test_huge_context_values_are_refused() -> None:
     n = 40
     cols: list[Any] = []
     for i in range(n):
-        cols += [b"big%d" % i, b"big%d" % i, TS, DAY, False, box.slot(b"big%d" % i), rs]
+        cols += [b"big%d" % i, b"big%d" % i, TS, DAY, False, box.slot(b"big%d" % i), rs, 0]
     errors = [rec[0] for rec in box.sb.run_batch(cols, n, n)]
     assert errors == [None] * n
     contexts = box.contexts([b"big%d" % i for i in range(n)])

@@ -49,7 +49,7 @@ def run_events(box: Box, rs: int, n: int, user_prefix: bytes = b"u") -> list[lis
     cols: list[Any] = []
     for i in range(n):
         user = user_prefix + b"%d" % i
-        cols += [b"e%d" % i, user, TS, DAY, False, box.slot(user), rs]
+        cols += [b"e%d" % i, user, TS, DAY, False, box.slot(user), rs, 0]
     return box.sb.run_batch(cols, n, n * box.sizes[rs])
 
 
@@ -125,7 +125,7 @@ def test_a_user_s_context_is_capped_and_a_run_that_would_pass_the_cap_fails_alon
     box.sizes[rs] = 2
     cols: list[Any] = []
     for i in range(8):
-        cols += [b"%d" % i, b"u1", TS, DAY, False, box.slot(b"u1"), rs]
+        cols += [b"%d" % i, b"u1", TS, DAY, False, box.slot(b"u1"), rs, 0]
     records = box.sb.run_batch(cols, 8, 16)
     grows, counts = records[0::2], records[1::2]
     assert [r[0] is None for r in grows] == [True] * 5 + [False] * 3
@@ -188,7 +188,7 @@ def test_writes_a_script_caught_errors_around_are_recorded_exactly_and_never_lea
         'if e.user == "after" then ctx:set("c", 3) end end')
     cols: list[Any] = []
     for i, user in enumerate((b"many", b"caught", b"fails", b"after")):
-        cols += [b"x%d" % i, user, TS, DAY, False, box.slot(user), rs]
+        cols += [b"x%d" % i, user, TS, DAY, False, box.slot(user), rs, 0]
     many, caught, fails, after = box.sb.run_batch(cols, 4, 4)
     assert many[0] is None and many[1] == {f"k{i}": i for i in range(1, 257)}
     assert caught == [None, {"s": "x"}, None]
