@@ -5,10 +5,13 @@ produce the events of one gameplay for that user, matching the rules of config/e
 shapes of config/example-events.jsonl:
 
     QuizPlayer   quiz.answered       {question, correct}
-    TaskDoer     task.completed      {task, tier 1|2|3}
+    TaskDoer     task.accepted       {task, tier 1|2|3}  then  task.completed {task, tier}, in one request
+                                     (mostly within the 24 hours the rules allow, sometimes too late)
     CheckinUser  checkin.checked_in  (about one a day; sometimes twice a day, sometimes a missed day)
-    Inviter      assist.helped       {helper, chain}  (user = the inviter, as the assist rule expects)
-    TeamMember   team.formed         {team, role}  then  team.completed {team}
+    Inviter      assist.helped       {inviter, chain}  (user = the helper, a friend of this inviter; the rules
+                                     credit the inviter with an event of their own)
+    TeamMember   team.completed      {team, members: [{user, role}]}  (once per team, user = the leader, this
+                                     virtual user; the rules reward every member by role)
 
 Everything a virtual user does is deterministic for a seed: its event ids (unique: "<prefix>-<kind><n>-<seq>"),
 its user ids, its data, and its timestamps, which follow a simulated clock that only moves forward inside the
@@ -223,30 +226,40 @@ class QuizPlayer(Behaviour):
 
 
 class TaskDoer(Behaviour):
-    """Completes tasks of tier 1 (often) to 3 (rarely); each pays cash, tier 3 adds a gold-pool chance."""
+    """Accepts a task of tier 1 (often) to 3 (rarely) and completes it, both in one request (task.accepted, then
+    task.completed). Completed within the 24 hours the campaign allows, a task pays cash by tier and tier 3 adds a
+    gold-pool chance; one task in ten is completed after its deadline and pays nothing."""
 
     kind, weight, gameplay = "task", 3, "task"
     TASKS = {1: ("share_poster", "watch_video", "follow_account"), 2: ("invite_2_friends", "review_product"),
              3: ("spend_100_cny",)}
+    LATE = 0.1  # share of tasks completed after their 24 hours
 
     def on_start(self) -> None:
         self.done = 0
 
-    def _complete(self, tier: int) -> dict[str, Any]:
+    def _complete(self, tier: int) -> list[dict[str, Any]]:
         self.done += 1
         name = self.rng.choice(self.TASKS[tier])
-        return self.event("task.completed", {"task": f"{name}_{self.done}", "tier": tier}, self.minutes(5, 90))
+        data = {"task": f"{name}_{self.done}", "tier": tier}
+        took = DAY + self.minutes(1, 6 * 60) if self.rng.random() < self.LATE else self.minutes(2, 120)
+        accepted = self.event("task.accepted", data, self.minutes(5, 90))
+        generation = self.generation
+        completed = self.event("task.completed", dict(data), took)
+        if self.generation != generation:  # the campaign ended first: the task was left undone
+            return [accepted]
+        return [accepted, completed]
 
     @task(6)
-    def tier1(self) -> dict[str, Any]:
+    def tier1(self) -> list[dict[str, Any]]:
         return self._complete(1)
 
     @task(3)
-    def tier2(self) -> dict[str, Any]:
+    def tier2(self) -> list[dict[str, Any]]:
         return self._complete(2)
 
     @task(1)
-    def tier3(self) -> dict[str, Any]:
+    def tier3(self) -> list[dict[str, Any]]:
         return self._complete(3)
 
 
@@ -272,8 +285,9 @@ class CheckinUser(Behaviour):
 
 
 class Inviter(Behaviour):
-    """An inviter's assist chain: friends help (user = the inviter, data.helper = the friend); three distinct
-    helpers earn the inviter a reward. Sometimes the same friend helps again, sometimes a new chain starts."""
+    """An inviter's assist chain: friends help, and the assist gameplay reports each help as the helper (user = the
+    friend, data.inviter = this virtual user); three distinct helpers earn the inviter a reward. Sometimes the
+    same friend helps again, sometimes a new chain starts. The inviter itself sends nothing."""
 
     kind, weight, gameplay = "invite", 1, "assist"
 
@@ -287,7 +301,8 @@ class Inviter(Behaviour):
         self.chain += 1
 
     def _help(self, helper: str) -> dict[str, Any]:
-        return self.event("assist.helped", {"helper": helper, "chain": f"chain-{self.user}-{self.chain}"}, 0)
+        return self.event("assist.helped", {"inviter": self.user, "chain": f"chain-{self.user}-{self.chain}"}, 0,
+                          user=helper)
 
     @task(6)
     def new_helper(self) -> dict[str, Any]:
@@ -314,48 +329,40 @@ class Inviter(Behaviour):
 
 
 class TeamMember(Behaviour):
-    """Joins a team (team.formed with a role: leader or member), later the team completes (team.completed);
-    then a new team. Now and then the gameplay resends a completion for the same team (paid once)."""
+    """A team leader: each of its teams (this user as the leader, 1..MEMBERS members) completes after a while, and
+    the team gameplay reports it with ONE team.completed as the leader, with the member list; the rules reward
+    every member by role. Now and then the gameplay resends a completion for the same team (paid once)."""
 
     kind, weight, gameplay = "team", 1, "team"
+    MEMBERS = 4  # the most members (besides the leader) of a team
 
     def on_start(self) -> None:
         self.teams = 0
-        self.team: str | None = None
-        self.completed = False
+        self.last: dict[str, Any] | None = None  # the data of the last team completed
 
-    def _form(self) -> dict[str, Any]:
-        self.advance(self.minutes(10, 240))  # first: the team id names the user (a new generation, new id)
-        self.teams += 1
-        self.team = f"t-{self.user}-{self.teams}"
-        self.completed = False
-        role = "leader" if self.rng.random() < 0.25 else "member"
-        return self.event("team.formed", {"team": self.team, "role": role}, 0)
+    def _completed(self) -> dict[str, Any]:
+        assert self.last is not None
+        return self.event("team.completed", {"team": self.last["team"],
+                                             "members": [dict(m) for m in self.last["members"]]}, 0)
 
-    @task(3)
-    def form_or_join(self) -> dict[str, Any]:
-        if self.team is not None and not self.completed:
-            return self.complete()
-        return self._form()
-
-    @task(3)
+    @task(6)
     def complete(self) -> dict[str, Any]:
-        if self.team is None or self.completed:
-            return self._form()
-        self.advance(self.minutes(30, 12 * 60))
-        if self.team is None:  # a new generation began: it has no team yet
-            return self._form()
-        self.completed = True
-        return self.event("team.completed", {"team": self.team}, 0)
+        self.advance(self.minutes(30, 12 * 60))  # first: the team names its leader (a new generation, new names)
+        self.teams += 1
+        team = f"t-{self.user}-{self.teams}"
+        members = [{"user": self.user, "role": "leader"}]
+        members += [{"user": f"{team}-m{i}", "role": "member"} for i in range(1, self.rng.randint(1, self.MEMBERS) + 1)]
+        self.last = {"team": team, "members": members}
+        return self._completed()
 
     @task(1)
     def complete_again(self) -> dict[str, Any] | None:
-        if self.team is None or not self.completed:
+        if self.last is None:
             return None
         self.advance(self.minutes(1, 30))
-        if self.team is None:
-            return self._form()
-        return self.event("team.completed", {"team": self.team}, 0)
+        if self.last is None:  # a new generation began: it has no team yet
+            return self.complete()
+        return self._completed()
 
 
 BEHAVIOURS: dict[str, type[Behaviour]] = {

@@ -1,7 +1,6 @@
 -- Assist -> lottery: when three different friends have helped an inviter, the inviter gets 3 chances.
--- Context is per (campaign, user), so the assist gameplay sends `assist.helped` with
--- user = the INVITER and data.helper = the helper's user id; the count lives in the inviter's context.
--- (To reward helpers too, the assist gameplay would send a separate event with user = the helper.)
+-- Runs on `assist.credited` {helper}, which assist_helper_credit sends to the inviter (user = the inviter) for
+-- every help, so the count lives in the inviter's context.
 -- Context: assist.helpers (distinct helper ids, at most NEEDED), assist.rewarded.
 local NEEDED = 3
 

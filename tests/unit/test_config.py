@@ -77,12 +77,19 @@ def test_example_config_loads_with_every_rule_script_read() -> None:
     assert camp.id == "spring2026" and camp.timezone == "Asia/Shanghai"
     assert [(r.id, r.on) for r in camp.rules] == [
         ("first_quiz_lottery", "quiz.answered"),
+        ("task_accept", "task.accepted"),
         ("task_cash_by_tier", "task.completed"),
+        ("task_expire", "task.expired"),
         ("checkin_streak", "checkin.checked_in"),
-        ("assist_inviter_reward", "assist.helped"),
-        ("team_role_join", "team.formed"),
-        ("team_role_reward", "team.completed"),
+        ("checkin_streak_reset", "checkin.missed"),
+        ("assist_helper_credit", "assist.helped"),
+        ("assist_inviter_reward", "assist.credited"),
+        ("team_reward_fanout", "team.completed"),
+        ("team_role_reward", "team.reward"),
     ]
+    assert {r.id: r.sends for r in camp.rules if r.sends} == {
+        "task_accept": ("task.expired",), "checkin_streak": ("checkin.missed",),
+        "assist_helper_credit": ("assist.credited",), "team_reward_fanout": ("team.reward",)}
     for rule in camp.rules:
         assert rule.script_name == rule.id
         assert "function decide(event, ctx)" in rule.source
