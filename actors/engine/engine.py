@@ -21,7 +21,7 @@ from playbus.actors.engine.budgets import Budgets, LocalBudgets
 from playbus.actors.engine.caps import CapBook
 from playbus.actors.engine.clock import CampaignClock
 from playbus.actors.engine.decisions import Decision
-from playbus.actors.engine.events import MAX_TS, EventIn, Fired, Rejected, check_event
+from playbus.actors.engine.events import MAX_TS, NO_DATA, EventIn, Fired, Rejected, check_event
 from playbus.actors.engine.keys import action_id, derived_event_id, user_key
 from playbus.actors.engine.state import (
     _DIGEST,
@@ -394,7 +394,7 @@ class ShardEngine:
             effects.append({"cancel": name, "id": old[0] if old is not None else None})
             return
         etype, data = e[1], e[2]
-        wire = msgspec.Raw(_pack_data(data)) if data else msgspec.Raw(b"")
+        wire = msgspec.Raw(_pack_data(data)) if data else NO_DATA  # NO_DATA itself: encoding omits it
         if kind == 1:  # send(user, type, data)
             target = e[3]
             sid = derived_event_id("s", cid, user, eid, rule.id, k)

@@ -16,7 +16,7 @@ from typing import Annotated, Any, NamedTuple
 import msgpack
 import msgspec
 
-__all__ = ["MAX_DATA_BYTES", "MAX_DEPTH", "Event", "EventIn", "Fired", "Rejected", "check_event", "decode_event_raw",
+__all__ = ["MAX_DATA_BYTES", "MAX_DEPTH", "NO_DATA", "Event", "EventIn", "Fired", "Rejected", "check_event", "decode_event_raw",
            "decode_events", "decode_json_events", "encode_event", "encode_events", "from_gameplays", "is_msgpack_array",
            "is_msgpack_map", "msgpack_array"]
 
@@ -30,7 +30,8 @@ _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID)]
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
 _Ts = Annotated[int, msgspec.Meta(ge=0, lt=MAX_TS)]
 _Depth = Annotated[int, msgspec.Meta(ge=0, le=MAX_DEPTH)]
-_NO_DATA = msgspec.Raw(b"")
+NO_DATA = msgspec.Raw(b"")  # an event without data: the default, which encoding omits (only this very object)
+_NO_DATA = NO_DATA
 
 
 class EventIn(msgspec.Struct, omit_defaults=True):

@@ -244,3 +244,13 @@ def test_a_gameplay_cannot_send_the_types_rules_make(engine: ShardEngine) -> Non
     [bad] = from_gameplays([made])
     assert isinstance(bad, Rejected) and bad.reason.startswith("cause, depth: set by playbus")
     assert from_gameplays([ok := EventIn("y", "c1", "u", "quiz.answered", T0)]) == [ok]
+
+
+def test_events_made_with_no_data_travel_as_valid_msgpack(engine: ShardEngine) -> None:
+    """A send or timer without data (Lua nil or {}) encodes without a data field, and decodes back whole."""
+    out = engine.process([ev(1, type="loop.start"), ev(2, type="timer.arm", delay=HOUR, n=None)], T0)
+    [(_, sent)] = out.sends
+    [(_, _, _, _, fired)] = out.timers
+    assert fired is not None and len(fired.data) == 0  # {n = nil} is {}: no data either
+    assert decode_events(encode_events([sent])) == [sent] and len(sent.data) == 0
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(fired), type=Fired) == fired
