@@ -148,6 +148,25 @@ def render_table(res: dict[str, Any]) -> str:
         at_500k = rec["seconds"] * 500_000 / max(rec["users"], 1)
         lines.append(f"| recovery of a shard from Redis | {rec['users']:,} users | {rec['users_per_s']:,.0f} users/s "
                      f"| | | 500k users < 10 s ({'met' if at_500k < 10 else '**not met**'}) | {rec['seconds']:.1f} s |")
+        sc = cl.get("send")
+        if sc:
+            lines.append(f"| a rule's `send` (an event for another user) | stream; each external event sends one | "
+                         f"{sc['with_sends_events_per_s']:,.0f} decided | {sc['external_events_per_s']:,.0f} (external "
+                         f"only) | a sent event costs {sc['send_over_external']:.2f}x an external one | | "
+                         f"{sc['send_cpu_us']:.0f} us vs {sc['external_cpu_us']:.0f} us CPU |")
+        tl = cl.get("timers")
+        if tl and tl["lateness_ms"]:
+            lt = tl["lateness_ms"]
+            lines.append(f"| timers due over {tl['over_s']:.0f} s | {tl['timers']:,} timers beside "
+                         f"{tl['background_events_per_s']:,.0f} events/s | | | | fired within 1 s "
+                         f"({'met' if lt['max'] < 1000 else '**not met**'}) | lateness {lt['p50']:.0f} / "
+                         f"{lt['p99']:.0f} (max {lt['max']:.0f}) |")
+        ta = cl.get("timers_at_once")
+        if ta and ta["lateness_ms"]:
+            lines.append(f"| timers due at the same millisecond | {ta['timers']:,} users | "
+                         f"{ta['timers'] / max(ta['last_fired_after_due_ms'] / 1000, 1e-3):,.0f} fired/s | | | | "
+                         f"last {ta['last_fired_after_due_ms'] / 1000:.1f} s after due; lateness "
+                         f"{ta['lateness_ms']['p50']:.0f} / {ta['lateness_ms']['p99']:.0f} |")
     lines += ["", "![throughput against batch size](loadtest/results/throughput_vs_batch.png)",
               "![ratio to the baseline](loadtest/results/ratios.png)", "![latency](loadtest/results/latency.png)"]
     return "\n".join(lines) + "\n"

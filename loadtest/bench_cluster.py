@@ -40,6 +40,7 @@ from typing import Any
 
 import msgpack
 
+from playbus.loadtest import bench_linkage
 from playbus.loadtest.bench_engine import FIRST_QUIZ, T0, TEN_KEYS  # T0: 2026-01-21, in the campaign
 from playbus.loadtest.cpu import CpuMeter
 from playbus.loadtest.stats import percentile
@@ -56,10 +57,15 @@ campaigns:
   - id: spring2026
     timezone: Asia/Shanghai
     starts: 2026-01-20T00:00:00+08:00
-    ends: 2026-02-20T00:00:00+08:00
+    ends: 2028-01-01T00:00:00+08:00   # timers fire at wall-clock time: their events must be inside it
     rules:
       - {{id: first_quiz_lottery, on: quiz.answered, script: first_quiz_lottery.lua, emits: [lottery.grant_chance]}}
       - {{id: ten_keys, on: bench.fill, script: ten_keys.lua}}
+      # bench_linkage: a send and a timer, whose events run the same rule as quiz.answered
+      - {{id: relay, on: assist.helped, script: relay.lua, sends: [assist.credited]}}
+      - {{id: credited, on: assist.credited, script: first_quiz_lottery.lua, emits: [lottery.grant_chance]}}
+      - {{id: arm, on: timer.arm, script: arm.lua, sends: [timer.fire]}}
+      - {{id: fired, on: timer.fire, script: first_quiz_lottery.lua, emits: [lottery.grant_chance]}}
 """
 # The memory measurement: one event a user gives its context 10 keys (TEN_KEYS).
 # The baseline: dedup by id, count, emit on the first answer; EVALSHA per event.
@@ -119,6 +125,8 @@ class ClusterBench:
 
         (self.workdir / "first_quiz_lottery.lua").write_text(FIRST_QUIZ)
         (self.workdir / "ten_keys.lua").write_text(TEN_KEYS)
+        (self.workdir / "relay.lua").write_text(bench_linkage.RELAY)
+        (self.workdir / "arm.lua").write_text(bench_linkage.ARM)
         config = self.workdir / "bench.yaml"
         config.write_text(BENCH_CONFIG.format(shards=self.shards_n))
         self.port = free_port()
@@ -445,6 +453,17 @@ def run(quick: bool = False, users: int = 10_000, rounds: int = 3, memory_users:
         ape = statistics.median(b.actor_per_event(10_000 if quick else 20_000) for _ in range(3))
         out["actor_per_event_events_per_s"] = ape
         progress(f"  actor-call {ape:>9,.0f} events/s (one Ray call per event)")
+        sc = out["send"] = bench_linkage.send_cost(b, n // 4)
+        progress(f"  send       {sc['with_sends_events_per_s']:>9,.0f} events/s decided with sends (half of them "
+                 f"sent) vs {sc['external_events_per_s']:,.0f} external; a sent event costs {sc['send_cpu_us']:.0f} us "
+                 f"of CPU in all, an external one {sc['external_cpu_us']:.0f} us ({sc['send_over_external']:.2f}x)")
+        tl = out["timers"] = bench_linkage.timer_lateness(b, 5000 if quick else 20_000, 10, 2000)
+        lt = tl["lateness_ms"]
+        progress(f"  timers     {tl['timers']:,} due over 10 s beside 2,000 events/s: fired late by p50 "
+                 f"{lt['p50']:.0f} ms, p99 {lt['p99']:.0f} ms, max {lt['max']:.0f} ms")
+        ta = out["timers_at_once"] = bench_linkage.timers_at_once(b, 20_000 if quick else 100_000)
+        progress(f"  timers     {ta['timers']:,} due at once (set in {ta['set_s']:.1f} s): the last fired "
+                 f"{ta['last_fired_after_due_ms'] / 1000:.1f} s after due, p50 {ta['lateness_ms']['p50'] / 1000:.1f} s")
         progress(f"  memory: {memory_users:,} users with a 10-key context each, through the shards ...")
         mem = out["memory"] = b.memory(memory_users)
         progress(f"  memory     {mem['bytes_per_user']:,.0f} B a user (shards' RSS "

@@ -10,6 +10,11 @@ answered 200 with one result per event, none `rejected` and no rule error (`harn
 are named by gameplay ("/v1/events quiz"), so the report has a row per gameplay. User weights are the
 behaviours' weights.
 
+The users post only what gameplays send. The events the example's rules make (assist.credited to an inviter,
+team.reward to every member, the task.expired and checkin.missed timers) are made and decided by playbus, after
+the request is answered; they are not in the request's results, and a gameplay could not post them (they would
+be rejected).
+
 `StreamProducerUser` (exactly one, whatever -u says) writes record batches of events of its own virtual users
 (all kinds) into the input partitions with `playbus.client.StreamProducer`, at a fixed rate; each batch is a
 locust request of type XADD. It needs the Redis that playbus uses (`--playbus-redis-url` or PLAYBUS_REDIS_URL);
@@ -168,7 +173,8 @@ class QuizUser(GameplayUser):
 
 
 class TaskUser(GameplayUser):
-    """task.completed by tier (TaskDoer)."""
+    """task.accepted then task.completed of a task by tier, in one request; now and then completed after the 24
+    hours the rules allow (TaskDoer)."""
 
     behaviour_class = h.TaskDoer
 
@@ -180,13 +186,15 @@ class CheckinUser(GameplayUser):
 
 
 class AssistUser(GameplayUser):
-    """assist.helped: an inviter's chain of helpers (Inviter)."""
+    """assist.helped {inviter, chain}, posted as the helper (user = a friend of this inviter): an inviter's chain of
+    helpers, whom the rules credit to the inviter (Inviter)."""
 
     behaviour_class = h.Inviter
 
 
 class TeamUser(GameplayUser):
-    """team.formed then team.completed (TeamMember)."""
+    """team.completed {team, members: [{user, role}]}, once per team, as the leader; now and then resent
+    (TeamMember)."""
 
     behaviour_class = h.TeamMember
 
