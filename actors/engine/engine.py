@@ -254,6 +254,8 @@ class ShardEngine:
             if camp is None:
                 results[idx] = {"id": eid, "status": "rejected", "actions": [],
                                 "errors": [f"campaign: unknown campaign {campaign!r}"]}
+                if tp is Fired:  # its campaign left the config: the timer can never run, remove it
+                    outcome.timers.append(("del", f"{campaign}\x00{user}", eid, 0, None))
                 continue
             rs = camp.rulesets.get(etype)
             if rs is not None and rs.made and not depth:

@@ -254,3 +254,10 @@ def test_events_made_with_no_data_travel_as_valid_msgpack(engine: ShardEngine) -
     assert fired is not None and len(fired.data) == 0  # {n = nil} is {}: no data either
     assert decode_events(encode_events([sent])) == [sent] and len(sent.data) == 0
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(fired), type=Fired) == fired
+
+
+def test_a_timer_of_a_campaign_no_longer_configured_is_removed_not_run(tmp_path: Path) -> None:
+    gone = Fired("t-x", "old-campaign", "u1", "timer.fire", T0, cause="e1", depth=1, timer="k")
+    out = make_engine(tmp_path, SCRIPTS, RULES).process([gone], T0)
+    assert out.results[0]["status"] == "rejected" and out.journal == []
+    assert out.timers == [("del", user_key("old-campaign", "u1"), "t-x", 0, None)]
