@@ -16,9 +16,9 @@ from typing import Annotated, Any, NamedTuple
 import msgpack
 import msgspec
 
-__all__ = ["MAX_DATA_BYTES", "MAX_DEPTH", "NO_DATA", "Event", "EventIn", "Fired", "Rejected", "check_event", "decode_event_raw",
-           "decode_events", "decode_json_events", "encode_event", "encode_events", "from_gameplays", "is_msgpack_array",
-           "is_msgpack_map", "msgpack_array"]
+__all__ = ["MAX_DATA_BYTES", "MAX_DEPTH", "NO_DATA", "Event", "EventIn", "Fired", "Rejected", "check_event",
+           "decode_event_raw", "decode_events", "decode_json_events", "encode_event", "encode_events", "from_gameplays",
+           "is_msgpack_array", "is_msgpack_map", "msgpack_array"]
 
 MAX_DATA_BYTES = 16 * 1024
 MAX_ID = 128
