@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python run_cluster.py --config config/example.yaml --redis-dir var/redis
 
+# The scripts' test vectors (config/scripts/*.test.yaml, in-process, under a second), then the suite.
 test: $(STAMP)
+	$(BIN)/playbus test --config config/example.yaml
 	$(BIN)/python -m pytest -q tests
 
 # The suite without Ray (no cluster, no Serve): seconds, for the edit-test loop.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -21,6 +21,7 @@ __all__ = [
     "SandboxConfig",
     "TargetConfig",
     "TimersConfig",
+    "campaign_document",
     "parse_duration",
 ]
 
@@ -298,3 +299,16 @@ class Config(_Strict):
             if c.id == campaign_id:
                 return c
         return None
+
+
+def campaign_document(c: CampaignConfig) -> dict[str, Any]:
+    """A campaign as data, the shape of one `campaigns` item with its rules' scripts by name (what the admin API
+    shows and takes, and what Redis keeps as the running configuration)."""
+    return {
+        "id": c.id, "timezone": c.timezone, "starts": c.starts.isoformat(), "ends": c.ends.isoformat(),
+        "rules": [{"id": r.id, "on": r.on, "script": r.script_name or r.script, "emits": list(r.emits),
+                   "sends": list(r.sends)} for r in c.rules],
+        "caps": [{"id": cap.cap_id, "action": cap.action, "per_user": cap.per_user, "period": cap.period}
+                 for cap in c.caps],
+        "budgets": [{"name": b.name, "action": b.action, "param": b.param, "total": b.total} for b in c.budgets],
+    }

@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 from playbus.errors import CliError
 
-__all__ = ["add_scripts_parser", "run_scripts_command"]
+__all__ = ["add_scripts_parser", "call_admin", "run_scripts_command"]
 
 
 def add_scripts_parser(sub: Any) -> None:
@@ -39,7 +39,7 @@ def add_scripts_parser(sub: Any) -> None:
     d.add_argument("--context", help="JSON object: the starting context")
 
 
-def _call(args: argparse.Namespace, method: str, path: str, body: bytes | None, ctype: str) -> Any:
+def call_admin(args: argparse.Namespace, method: str, path: str, body: bytes | None, ctype: str) -> Any:
     if not args.token:
         raise CliError("no admin token: set PLAYBUS_ADMIN_TOKEN or pass --token")
     req = urllib.request.Request(args.url.rstrip("/") + path, data=body, method=method)
@@ -66,14 +66,14 @@ def _read(path: str) -> str:
 def run_scripts_command(args: argparse.Namespace, out: TextIO) -> int:
     if args.op == "push":
         name = args.name or Path(args.file).stem
-        res = _call(args, "PUT", f"/v1/scripts/{name}", _read(args.file).encode(), "text/plain")
+        res = call_admin(args, "PUT", f"/v1/scripts/{name}", _read(args.file).encode(), "text/plain")
     elif args.op == "activate":
         body = json.dumps({"version": args.version}).encode()
-        res = _call(args, "POST", f"/v1/scripts/{args.name}/activate", body, "application/json")
+        res = call_admin(args, "POST", f"/v1/scripts/{args.name}/activate", body, "application/json")
     elif args.op == "list":
-        res = _call(args, "GET", "/v1/scripts", None, "")
+        res = call_admin(args, "GET", "/v1/scripts", None, "")
     elif args.op == "show":
-        res = _call(args, "GET", f"/v1/scripts/{args.name}", None, "")
+        res = call_admin(args, "GET", f"/v1/scripts/{args.name}", None, "")
     else:
         events = []
         for n, line in enumerate(_read(args.events).splitlines(), 1):
@@ -89,6 +89,6 @@ def run_scripts_command(args: argparse.Namespace, out: TextIO) -> int:
             req["version"] = args.version
         if args.context:
             req["context"] = json.loads(_read(args.context))
-        res = _call(args, "POST", f"/v1/scripts/{args.name}/dry-run", json.dumps(req).encode(), "application/json")
+        res = call_admin(args, "POST", f"/v1/scripts/{args.name}/dry-run", json.dumps(req).encode(), "application/json")
     out.write(json.dumps(res, ensure_ascii=False, indent=2) + "\n")
     return 0

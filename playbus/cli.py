@@ -13,7 +13,10 @@ from typing import Any, TextIO
 
 from playbus.actors.engine.engine import ShardEngine
 from playbus.actors.engine.local import LocalRun, Step
+from playbus.actors.engine.vectors import SUFFIX, VectorError, load_vectors, run_case, script_names
 from playbus.admin import add_scripts_parser, run_scripts_command
+from playbus.admin_campaigns import add_audit_parser, add_campaigns_parser, run_audit_command, run_campaigns_command
+from playbus.admin_dead import add_dead_parser, run_dead_command
 from playbus.config.errors import ConfigError
 from playbus.config.loader import default_config_path, load_config
 from playbus.errors import CliError
@@ -95,6 +98,47 @@ def dry_run(config_path: str, events_path: str, context_path: str | None, now_ms
     return 0
 
 
+def check_vectors(config_path: str, script: str | None, source_path: str | None, out: TextIO) -> int:
+    """Run the test vectors of every script of the config (or of `script`, with the source of `source_path` when
+    given) in-process: one PASS/FAIL line per case, a diff under each failure. 0 when all pass (or there are
+    none), 1 when a case fails; CliError (exit 2) for a bad config or vector file."""
+    try:
+        cfg = load_config(config_path)
+        names = script_names(cfg)
+        if source_path is not None and script is None:
+            script = Path(source_path).stem
+        if script is not None and script not in names:
+            raise CliError(f"{config_path}: no rule runs a script named {script!r} (scripts: {', '.join(names)})")
+        source = None
+        if source_path is not None:
+            try:
+                source = Path(source_path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise CliError(f"{source_path}: cannot read script: {getattr(e, 'strerror', None) or e}") from None
+        vectors = load_vectors(cfg, [script] if script is not None else None)
+    except (ConfigError, VectorError, ScriptError) as e:
+        raise CliError(str(e)) from None
+    passed = failed = 0
+    for name, cases in vectors.items():
+        for case in cases:
+            r = run_case(cfg, case, source if name == script else None)
+            if r.ok:
+                passed += 1
+                out.write(f"PASS {name}: {r.name}\n")
+                continue
+            failed += 1
+            out.write(f"FAIL {name}: {r.name}  ({r.where})\n")
+            out.write("".join(f"    {line}\n" for line in r.diff.splitlines()))
+    missing = [n for n in ([script] if script is not None else names) if n not in vectors]
+    if not vectors:
+        which = f"for script {script}" if script is not None else f"in {config_path}"
+        out.write(f"no test vectors {which} (the vectors of a script NAME go in NAME{SUFFIX} beside it)\n")
+        return 0
+    note = f"; no vectors for {', '.join(missing)}" if missing else ""
+    out.write(f"{passed} passed, {failed} failed ({len(vectors)} script{'s' if len(vectors) > 1 else ''}{note})\n")
+    return 1 if failed else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="playbus", description="playbus: the campaign orchestration engine")
     sub = p.add_subparsers(dest="command", required=True)
@@ -105,7 +149,14 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--now", type=int, help="receive time in ms for events without ts (default: now)")
     d.add_argument("--until", help="fire the timers due by this time at the end (ms since the epoch or ISO-8601; "
                                    "default: the last event's time plus the longest timer set)")
+    t = sub.add_parser("test", help="run the scripts' test vectors (scripts/NAME.test.yaml) in-process")
+    t.add_argument("--config", help="campaign config (default: config/example.yaml here, else the packaged example)")
+    t.add_argument("--script", help="only this script's vectors (a script name: its file stem)")
+    t.add_argument("--source", help="a .lua file to test as the script (a candidate version; default name: its stem)")
     add_scripts_parser(sub)
+    add_campaigns_parser(sub)
+    add_dead_parser(sub)
+    add_audit_parser(sub)
     return p
 
 
@@ -115,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "dry-run":
             return dry_run(args.config or str(default_config_path()), args.events, args.context, args.now, sys.stdout,
                            args.until)
+        if args.command == "test":
+            return check_vectors(args.config or str(default_config_path()), args.script, args.source, sys.stdout)
+        if args.command == "campaigns":
+            return run_campaigns_command(args, sys.stdout)
+        if args.command == "dead":
+            return run_dead_command(args, sys.stdout)
+        if args.command == "audit":
+            return run_audit_command(args, sys.stdout)
         return run_scripts_command(args, sys.stdout)
     except CliError as e:
         print(f"playbus: {e}", file=sys.stderr)

@@ -853,6 +853,23 @@ function API.set_rule_script(handle, script_handle)
   r.script, r.fails, r.disabled = script_handle, 0, false
 end
 
+-- A canary: users whose bucket (user_bucket, 0..9999) is below `bp` run `script_handle` instead of the rule's
+-- script; script_handle 0 ends it.
+function API.set_rule_canary(handle, script_handle, bp)
+  local r = RULES[handle]
+  if script_handle == 0 then r.canary, r.canary_bp = nil, 0
+  else r.canary, r.canary_bp, r.fails, r.disabled = script_handle, bp, 0, false end
+end
+
+-- A user's canary bucket: FNV-1a (64 bits) of campaign .. "\0" .. user, shifted right once, modulo 10000. The
+-- engine computes the same in Python (engine.canary_bucket) to record which version decided.
+local function user_bucket(campaign, user)
+  local h = -3750763034362895579   -- 0xcbf29ce484222325
+  local s = campaign .. "\0" .. user
+  for i = 1, #s do h = (h ~ sbyte(s, i)) * 1099511628211 end
+  return (h >> 1) % 10000
+end
+
 -- The rules disabled on this runtime, as msgpack [[rule id, reason], ...].
 function API.disabled_rules()
   local out = {}
@@ -931,11 +948,17 @@ function API.run_batch(cols, n, runs)
     EV.id, EV.type, EV.user, EV.campaign, EV.ts = cols[b + 1], rs.type, cols[b + 2], rs.campaign, ts
     cur_blob, cur_ts, cur_day, cur_base, cur_depth = cols[b + 5], ts, cols[b + 4], base, cols[b + 8]
     local rules = rs.rules
+    local bucket = nil
     for j = 1, rs.n do
       local rule = rules[j]
       EV.data = nil
       cur_rng, cur_emits, cur_rule, cur_bytes, cur_sends = nil, NO_EMITS, rule, 0, 0
-      local script = SCRIPTS[rule.script]
+      local sh = rule.script
+      if rule.canary then
+        if bucket == nil then bucket = user_bucket(rs.campaign, EV.user) end
+        if bucket < rule.canary_bp then sh = rule.canary end
+      end
+      local script = SCRIPTS[sh]
       local ok, err
       if rule.disabled then ok, err = false, rule.disabled
       elseif script == nil then ok, err = false, "script is not loaded"

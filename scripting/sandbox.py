@@ -112,6 +112,11 @@ class Sandbox:
     def set_rule_script(self, rule: int, script: int) -> None:
         self._api.set_rule_script(rule, script)
 
+    def set_rule_canary(self, rule: int, script: int, basis_points: int) -> None:
+        """Users whose canary bucket is below `basis_points` (of 10,000) run `script` for this rule; script 0 ends
+        the canary."""
+        self._api.set_rule_canary(rule, script, basis_points)
+
     def define_ruleset(self, rules: list[int], campaign: str, event_type: str) -> int:
         """The rules (in order) that events of `event_type` run in `campaign` (what their scripts see as
         event.campaign and event.type)."""

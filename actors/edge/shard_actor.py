@@ -43,7 +43,7 @@ class _UserActivityActor:
         self.batcher = MicroBatcher(self.core, config.batch.max_events, config.batch.max_wait_ms / 1000,
                                     on_committed=self._record)
         self.reader = PartitionReader(redis_url, sorted(self.core.groups), self._submit_read,
-                                      {c.id for c in config.campaigns}, chunk=config.batch.max_events,
+                                      self.core.campaign_ids, chunk=config.batch.max_events,
                                       key_groups=config.key_groups)
         self.firer = TimerFirer(redis_url, sorted(self.core.groups), self._submit_fired,
                                 poll_s=config.timers.poll_ms / 1000, chunk=config.batch.max_events,
@@ -65,8 +65,13 @@ class _UserActivityActor:
                                        tag_keys=("shard", "kind"))  # kind: sent, timers_set, timers_cancelled, fired
         self._m_late = metrics.Histogram("playbus_timer_lateness_ms", "commit time minus due time of fired timers",
                                          boundaries=[10, 50, 100, 250, 500, 1000, 5000, 30000], tag_keys=("shard",))
+        self._m_grants = metrics.Counter("playbus_grants", "actions granted", tag_keys=("shard", "campaign", "action"))
+        self._m_refusals = metrics.Counter("playbus_refusals", "actions refused by a cap or a budget",
+                                           tag_keys=("shard", "campaign", "reason"))
+        self._m_campaign_errors = metrics.Counter("playbus_campaign_rule_errors", "failed rule runs",
+                                                  tag_keys=("shard", "campaign", "rule", "version"))
         for m in (self._m_events, self._m_rule_errors, self._m_batch, self._m_commit, self._m_queue, self._m_made,
-                  self._m_late):
+                  self._m_late, self._m_grants, self._m_refusals, self._m_campaign_errors):
             m.set_default_tags(tags)
 
     def _record(self, batch: PreparedBatch) -> None:
@@ -85,6 +90,14 @@ class _UserActivityActor:
             self._m_rule_errors.inc(errors)
         for kind, n in batch.counts.items():
             self._m_made.inc(n, tags={"kind": kind})
+        for key, n in batch.stats.items():  # per campaign: grants by action, refusals by cap or budget, failed runs
+            campaign, kind, *rest = key.split("\x00")
+            if kind == "grants":
+                self._m_grants.inc(n, tags={"campaign": campaign, "action": rest[0]})
+            elif kind == "refusals":
+                self._m_refusals.inc(n, tags={"campaign": campaign, "reason": rest[0]})
+            elif kind == "errors":
+                self._m_campaign_errors.inc(n, tags={"campaign": campaign, "rule": rest[0], "version": rest[1]})
         self._m_batch.observe(len(results))
         self._m_commit.observe(self.core.last_commit_ms)
         self._m_queue.set(self.batcher.queued)
@@ -118,9 +131,18 @@ class _UserActivityActor:
         self.core.put_script(name, source, version)
         return version
 
-    async def activate(self, name: str, version: int) -> int:
-        self.core.activate(name, version)
+    async def activate(self, name: str, version: int, percent: float = 100) -> int:
+        self.core.activate(name, version, percent)
         return version
+
+    async def campaigns_changed(self) -> bool:
+        """The campaigns' shared state changed (pause, resume, top-up): apply it before the next batch."""
+        self.core.reconcile()
+        return True
+
+    async def budget_leases(self) -> dict[str, int]:
+        """"campaign\x00budget" -> what this shard holds leased and has not spent (for campaign stats)."""
+        return {f"{c}\x00{b}": n for (c, b), n in self.core.budgets.leased.items()}
 
     async def context(self, campaign: str, user: str) -> dict[str, Any]:
         return self.core.context(campaign, user)

@@ -36,10 +36,19 @@ from playbus.config.schema import CampaignConfig, Config, RuleConfig
 from playbus.scripting.registry import ScriptRegistry
 from playbus.scripting.sandbox import Sandbox
 
-__all__ = ["MAX_PENDING_TIMERS", "BatchOutcome", "ShardEngine", "TimerOp", "user_keys"]
+__all__ = ["MAX_PENDING_TIMERS", "BatchOutcome", "ShardEngine", "TimerOp", "canary_bucket", "user_keys"]
 
 MAX_PENDING_TIMERS = 256  # timers one user may have pending in one campaign; a `later` past it is refused
 _pack_data = msgspec.msgpack.Encoder().encode
+
+
+def canary_bucket(campaign: str, user: str) -> int:
+    """A user's canary bucket, 0..9999, stable for life: FNV-1a (64 bits) of campaign NUL user, shifted right once,
+    modulo 10000 (the sandbox's driver.lua computes the same to pick the script)."""
+    h = 0xCBF29CE484222325
+    for b in f"{campaign}\x00{user}".encode():
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return (h >> 1) % 10000
 
 
 def user_keys(events: list[Any]) -> list[str]:
@@ -110,6 +119,8 @@ class _Rule:
     script: str
     handle: int
     version: int
+    canary_version: int = 0  # with canary_bp > 0: the version users of a bucket below canary_bp run
+    canary_bp: int = 0
 
 
 @dataclass
@@ -119,6 +130,7 @@ class _RuleSet:
     size: int
     type: str
     made: bool = False  # events of this type are made by the campaign's rules (send, later): none from outside
+    canary: bool = False  # some rule of the set runs a canary version for part of the users
 
 
 @dataclass
@@ -133,6 +145,7 @@ class _Campaign:
     budgets: dict[str, list[tuple[str, str]]]  # action type -> [(budget name, param)]: all spent, or none
     rulesets: dict[str, _RuleSet]
     offsets: dict[int, int]  # the clock's cache of UTC offsets per quarter hour, read inline per event
+    paused: bool = False  # a kill switch: events applied with no rule run (the window is made empty)
 
 
 class ShardEngine:
@@ -140,19 +153,23 @@ class ShardEngine:
 
     def __init__(self, config: Config, budgets: Budgets | None = None, sandbox: Sandbox | None = None,
                  scripts: Iterable[Mapping[str, Any]] = ()) -> None:
-        """`scripts`: stored versions to start from ({"name", "active", "versions": {N: source}} each, as the
-        script catalog lists them); a rule whose script is not among them runs its file as version 1."""
+        """`scripts`: stored versions to start from ({"name", "active", "versions": {N: source}, "canary"} each, as
+        the script catalog lists them); a rule whose script is not among them runs its file as version 1."""
         self.config = config
         self.budgets: Budgets = budgets if budgets is not None else LocalBudgets(config)
         lim = config.sandbox
         self.sandbox = sandbox or Sandbox(lim.max_instructions, lim.max_memory_kb, max_context_kb=lim.max_context_kb,
                                           disable_after=lim.disable_after)
         self.scripts = ScriptRegistry(self.sandbox)
+        self._pending_canaries: list[tuple[str, int, float]] = []
         for s in scripts:
             for v, source in s["versions"].items():
                 self.scripts.add(s["name"], source, v)
             if s["active"]:
                 self.scripts.activate(s["name"], s["active"])
+            canary = s.get("canary")
+            if canary and canary["version"] in s["versions"]:
+                self._pending_canaries.append((s["name"], canary["version"], canary["percent"]))
         self.window = config.dedup_window
         self.horizon_s = math.ceil(config.dedup_horizon_s)  # receive times are whole seconds
         self.max_ids = config.dedup_max_ids
@@ -160,7 +177,10 @@ class ShardEngine:
         self.dirty: set[str] = set()
         self._type_b: dict[str, bytes] = {}
         self._rules_by_script: dict[str, list[_Rule]] = {}
+        self._canaries: dict[str, tuple[int, int]] = {}  # script name -> (canary version, basis points)
         self.campaigns: dict[str, _Campaign] = {c.id: self._build_campaign(c) for c in config.campaigns}
+        for name, version, percent in self._pending_canaries:  # once the rules exist
+            self.activate(name, version, percent)
 
     # -- set-up ------------------------------------------------------------------------------------
     def _build_campaign(self, c: CampaignConfig) -> _Campaign:
@@ -175,7 +195,7 @@ class ShardEngine:
         made = {t for rc in c.rules for t in rc.sends}
         rulesets = {
             t: _RuleSet(self.sandbox.define_ruleset([r.handle for r in rules], c.id, t), rules, len(rules), t,
-                        t in made)
+                        t in made, any(r.canary_bp for r in rules))
             for t, rules in by_type.items()
         }
         clock = CampaignClock(c.timezone)
@@ -194,22 +214,66 @@ class ShardEngine:
         params = {t: p for t, p in budget_params.items() if t in rc.emits}
         handle = self.sandbox.define_rule(rc.id, script, list(rc.emits), params, list(rc.sends))
         rule = _Rule(rc.id, name, handle, version)
+        canary = self._canaries.get(name)
+        if canary is not None:  # a campaign added or replaced during a canary runs it too
+            rule.canary_version, rule.canary_bp = canary
+            self.sandbox.set_rule_canary(handle, self.scripts.handle(name, canary[0]), canary[1])
         self._rules_by_script.setdefault(name, []).append(rule)
         return rule
+
+    def set_campaign(self, c: CampaignConfig) -> None:
+        """Add a campaign, or replace one (its rules, caps and budgets) from the next batch on; users keep their
+        contexts and cap counters (caps are counted by id), a paused campaign stays paused."""
+        old = self.campaigns.get(c.id)
+        if old is not None:
+            stale = {id(r) for rs in old.rulesets.values() for r in rs.rules}
+            for name, rules in self._rules_by_script.items():
+                self._rules_by_script[name] = [r for r in rules if id(r) not in stale]
+        self.campaigns[c.id] = self._build_campaign(c)
+        if old is not None and old.paused:
+            self.pause(c.id, True)
+
+    def pause(self, campaign: str, paused: bool) -> bool:
+        """Pause (events are applied with no rule run, as outside the campaign's window) or resume a campaign
+        from the next batch; False when it is not configured here."""
+        camp = self.campaigns.get(campaign)
+        if camp is None:
+            return False
+        camp.paused = paused
+        camp.ends_ms = camp.starts_ms if paused else camp.config.ends_ms  # the per-event check stays one compare
+        return True
 
     # -- scripts (hot reload) ----------------------------------------------------------------------
     def put_script(self, name: str, source: str, version: int | None = None) -> int:
         """Store a new version of a script (compiled now, so a bad one fails here); returns its number."""
         return self.scripts.add(name, source, version)
 
-    def activate(self, name: str, version: int) -> None:
+    def activate(self, name: str, version: int, percent: float = 100) -> None:
         """Every rule using `name` runs `version` from the next batch on (a rule already running it is left
-        alone: a rule disabled for failing its budget stays disabled until another version is activated)."""
-        handle = self.scripts.activate(name, version)
-        for rule in self._rules_by_script.get(name, ()):
-            if rule.version != version:
-                self.sandbox.set_rule_script(rule.handle, handle)
-                rule.version = version
+        alone: a rule disabled for failing its budget stays disabled until another version is activated).
+
+        With `percent` below 100, a canary: only users whose canary bucket falls under `percent`% run `version`,
+        the others keep the active version; activating with 100 (a version, or the old one: a rollback) ends it."""
+        if percent < 100:
+            bp = max(0, min(10_000, round(percent * 100)))
+            handle = self.scripts.handle(name, version)
+            self._canaries[name] = (version, bp)
+            for rule in self._rules_by_script.get(name, ()):
+                self.sandbox.set_rule_canary(rule.handle, handle if bp else 0, bp)
+                rule.canary_version, rule.canary_bp = version, bp
+        else:
+            handle = self.scripts.activate(name, version)
+            had = self._canaries.pop(name, None)
+            for rule in self._rules_by_script.get(name, ()):
+                if had is not None:
+                    self.sandbox.set_rule_canary(rule.handle, 0, 0)
+                    rule.canary_version = rule.canary_bp = 0
+                if rule.version != version:
+                    self.sandbox.set_rule_script(rule.handle, handle)
+                    rule.version = version
+        for camp in self.campaigns.values():
+            for rs in camp.rulesets.values():
+                rs.canary = any(r.canary_bp for r in rs.rules)
 
     # -- the micro-batch ---------------------------------------------------------------------------
     def process(self, events: list[Any], now_ms: int, max_seconds: float | None = None) -> BatchOutcome:
@@ -324,11 +388,13 @@ class ShardEngine:
         for idx, eid, user, ts, st, day, camp, rs, blob, depth, raw in work:
             cid = camp.id
             fired = _NONE if type(raw) is not Fired else [{"fired": raw.timer}]
+            bucket = canary_bucket(cid, user) if rs.canary else 10_000  # 10,000: above every canary's share
             for rule in rs.rules:
                 err, changes, emits = records[ri]
                 ri += 1
+                version = rule.version if bucket >= rule.canary_bp else rule.canary_version
                 if err is None and emits is None:  # the common run: writes (or none), nothing proposed
-                    add_decision(_new(Decision, (cid, user, eid, ts, rule.id, rule.version, _NONE,
+                    add_decision(_new(Decision, (cid, user, eid, ts, rule.id, version, _NONE,
                                                  _NO_CHANGES if changes is None else changes, None, _NONE, fired)))
                     continue
                 res = out.results[idx]
@@ -337,7 +403,7 @@ class ShardEngine:
                 effects: list[dict[str, Any]] = list(fired)
                 if err is not None:
                     res["errors"].append(f"rule {rule.id}: {err}")
-                    out.failed.append(self._failed_entry(eid, cid, user, rs.type, ts, blob, rule, err, raw))
+                    out.failed.append(self._failed_entry(eid, cid, user, rs.type, ts, blob, rule, version, err, raw))
                 else:
                     n = k = 0
                     for e in emits:
@@ -353,13 +419,13 @@ class ShardEngine:
                             granted.append({
                                 "id": action_id(cid, user, eid, rule.id, n), "type": atype,
                                 "campaign": cid, "user": user, "params": params, "cause": eid,
-                                "rule": rule.id, "script_version": rule.version,
+                                "rule": rule.id, "script_version": version,
                             })
                         n += 1
                     if granted:
                         res["actions"].extend(granted)
                         out.actions.extend(granted)
-                add_decision(_new(Decision, (cid, user, eid, ts, rule.id, rule.version, granted,
+                add_decision(_new(Decision, (cid, user, eid, ts, rule.id, version, granted,
                                              changes if changes is not None else {}, err, refused, effects)))
 
     # -- events rules make: sends and timers -------------------------------------------------------
@@ -427,14 +493,14 @@ class ShardEngine:
 
     @staticmethod
     def _failed_entry(eid: str, campaign: str, user: str, etype: str, ts: int, blob: bytes | bool, rule: _Rule,
-                      err: str, raw: Any = None) -> dict[str, Any]:
+                      version: int, err: str, raw: Any = None) -> dict[str, Any]:
         event: dict[str, Any] = {"id": eid, "campaign": campaign, "user": user, "type": etype, "ts": ts}
         if blob:
             event["data"] = msgpack.unpackb(blob, raw=False, strict_map_key=False)
         if type(raw) is EventIn or type(raw) is Fired:
             if raw.depth:
                 event["cause"], event["depth"] = raw.cause, raw.depth
-        return {"event": event, "rule": rule.id, "script_version": rule.version, "error": err}
+        return {"event": event, "rule": rule.id, "script_version": version, "error": err}
 
     def _admit(self, camp: _Campaign, st: UserState, atype: str, params: dict[str, Any], day: int) -> str:
         """"" when caps and budgets allow this action (and it is counted), else the reason."""

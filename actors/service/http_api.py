@@ -20,8 +20,10 @@ from playbus.actors.engine.events import decode_events, decode_json_events, from
 from playbus.actors.engine.keys import user_key
 from playbus.actors.engine.state import decode_snapshot, pending_timers
 from playbus.actors.service.admin import AdminApi
+from playbus.actors.service.admin_campaigns import CampaignAdmin
 from playbus.actors.service.replies import MAX_BODY, MAX_EVENTS, Response, error, reply
 from playbus.actors.service.router import Router
+from playbus.actors.store.audit import AuditLog
 from playbus.actors.store.catalog import ScriptCatalog
 from playbus.actors.store.commit import RedisStore
 from playbus.config.schema import Config
@@ -36,6 +38,8 @@ MAX_DECISIONS = 100  # the most decisions one GET returns
 ShardCall = Callable[[int, str, Sequence[Any]], Awaitable[Any]]
 
 _CTX = re.compile(r"^/v1/campaigns/([^/]+)/users/([^/]+)/(context|decisions)$")
+# The admin endpoints' path prefixes (the token is checked first; /v1/campaigns/{c}/users/... is matched before).
+_ADMIN = ("/v1/scripts", "/v1/audit", "/v1/campaigns/", "/v1/dead")
 
 
 class IngressCore:
@@ -50,7 +54,10 @@ class IngressCore:
         self.router = Router(config.shards, config.key_groups)
         self.client = redis.Redis.from_url(redis_url, socket_timeout=10)
         self.store = RedisStore(self.client, config.key_groups)
-        self.admin = AdminApi(config, ScriptCatalog(self.client), call_shard)
+        audit = AuditLog(self.client)
+        catalog = ScriptCatalog(self.client)
+        self.admin = AdminApi(config, catalog, call_shard, audit, CampaignAdmin(config, self.client, call_shard, audit,
+                                                                               catalog))
         self.max_inflight = max_inflight
         self.inflight = 0
 
@@ -77,11 +84,11 @@ class IngressCore:
             if m.group(3) == "context":
                 return self.get_context(campaign, user)
             return self.get_decisions(campaign, user, query)
-        if path == "/v1/scripts" or path.startswith("/v1/scripts/"):
-            denied = self.admin.check(headers)
-            if denied:
-                return denied
-            return await self.admin.scripts(method, path, body)
+        if path.startswith(_ADMIN):
+            who = self.admin.who(headers)
+            if not isinstance(who, str):
+                return who
+            return await self.admin.handle(method, path, query, who, body)
         return error(404, f"no such endpoint: {method} {path}")
 
     # -- events ------------------------------------------------------------------------------------

@@ -20,13 +20,18 @@ from playbus.actors.engine.budgets import BudgetShortage
 from playbus.actors.engine.decisions import Decision, repeat_actions
 from playbus.actors.engine.engine import ShardEngine, user_keys
 from playbus.actors.engine.keys import group_prefix, groups_of_shard, user_key
+from playbus.actors.store.campaigns import GENERATION as CAMPAIGNS_GENERATION
+from playbus.actors.store.campaigns import CampaignState
+from playbus.actors.store.catalog import GENERATION as CATALOG_GENERATION
 from playbus.actors.store.catalog import ScriptCatalog
 from playbus.actors.store.commit import RedisStore
 from playbus.actors.store.durability import check_server
 from playbus.actors.store.errors import FencedError
 from playbus.actors.store.layout import check_layout
 from playbus.actors.store.leases import LeasedBudgets
-from playbus.config.schema import Config
+from playbus.config.errors import ConfigError
+from playbus.config.loader import parse_campaign, with_campaigns
+from playbus.config.schema import Config, campaign_document
 
 __all__ = ["PreparedBatch", "ShardCore", "deploy_scripts", "reload_groups"]
 
@@ -51,6 +56,7 @@ class PreparedBatch:
     sends: list[Any] = field(default_factory=list)  # (sender's user key, event) for other users' partitions
     timers: list[Any] = field(default_factory=list)  # timer changes, in decision order
     counts: dict[str, int] = field(default_factory=dict)  # sends and timers set, cancelled and fired
+    stats: dict[str, int] = field(default_factory=dict)  # once committed: the campaign counters it added
 
 
 class ShardCore:
@@ -64,10 +70,21 @@ class ShardCore:
         waitaof = check_server(self.client, config.durability.fsync)
         self.store = RedisStore(self.client, config.key_groups, wait_fsync_ms=5_000 if waitaof else None)
         self.catalog = ScriptCatalog(self.client)
-        self.budgets = LeasedBudgets(self.client, config)
         deploy_scripts(self.catalog, config)  # a changed rule file becomes the active version
         self.generation = self.catalog.generation()
+        self.campaign_state = CampaignState(self.client)
+        # The running configuration is Redis's: the file's campaigns deployed (an edited one replaces the running
+        # one), and those created through the admin API.
+        self.campaign_state.deploy_file({c.id: campaign_document(c) for c in config.campaigns})
+        self.campaigns_generation = self.campaign_state.generation()
+        self.base_config = config
+        self._docs = self.campaign_state.configs()
+        config = self.config = with_campaigns(config, self._docs, self.catalog.active_sources())
+        self.budgets = LeasedBudgets(self.client, config)
         self.engine = ShardEngine(config, budgets=self.budgets, scripts=self.catalog.all())
+        self.campaign_state.init_budgets((c.id, b.name, b.total) for c in config.campaigns for b in c.budgets)
+        self.campaign_ids = {c.id for c in config.campaigns}  # shared with the partition reader (updated in place)
+        self.apply_campaign_state()
         self.groups = set(groups_of_shard(shard, config.shards, config.key_groups))
         self.max_decide_s = config.batch.max_decide_ms / 1000
         self.stream_targets = {g: t.stream for g, t in config.targets.items() if t.stream}
@@ -87,8 +104,8 @@ class ShardCore:
     def put_script(self, name: str, source: str, version: int) -> None:
         self.engine.put_script(name, source, version)
 
-    def activate(self, name: str, version: int) -> None:
-        self.engine.activate(name, version)
+    def activate(self, name: str, version: int, percent: float = 100) -> None:
+        self.engine.activate(name, version, percent)
 
     # -- the micro-batch ---------------------------------------------------------------------------
     def process(self, events: list[Any], now_ms: int | None = None) -> list[dict[str, Any]]:
@@ -157,14 +174,50 @@ class ShardCore:
             self.budgets.prefill()
 
     def reconcile(self) -> bool:
-        """Load what changed in the catalog since the last look; True if anything did."""
-        generation = self.catalog.generation()
-        if generation == self.generation:
-            return False
-        self.catalog.install(self.engine)
-        self.generation = generation
-        log.info("shard %d: scripts reconciled with the catalog (generation %d)", self.shard, generation)
-        return True
+        """Load what changed in the catalog and in the campaigns' state (paused, budget top-ups) since the last
+        look (one round trip when nothing did); True if anything did."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(CATALOG_GENERATION)
+        pipe.get(CAMPAIGNS_GENERATION)
+        scripts, campaigns = (int(x or 0) for x in pipe.execute())
+        changed = False
+        if scripts != self.generation:
+            self.catalog.install(self.engine)
+            self.generation = scripts
+            log.info("shard %d: scripts reconciled with the catalog (generation %d)", self.shard, scripts)
+            changed = True
+        if campaigns != self.campaigns_generation:
+            self.apply_campaign_state()
+            self.campaigns_generation = campaigns
+            changed = True
+        return changed
+
+    def apply_campaign_state(self) -> None:
+        """Take the campaigns created or replaced through the admin API, pause or resume campaigns as the shared
+        state says, and forget which budgets looked exhausted (a top-up may have come)."""
+        docs = self.campaign_state.configs()
+        changed = [cid for cid, doc in docs.items() if self._docs.get(cid) != doc]
+        if changed:
+            scripts = self.catalog.active_sources()
+            for cid in changed:
+                try:
+                    camp = parse_campaign(docs[cid], self.base_config, scripts)
+                except ConfigError as e:  # checked when it was put; a script since removed, say: keep the old one
+                    log.error("shard %d: campaign %s cannot be applied: %s", self.shard, cid, e)
+                    continue
+                self.budgets.add_campaign(camp)
+                self.campaign_state.init_budgets((cid, b.name, b.total) for b in camp.budgets)
+                log.info("shard %d: campaign %s %s", self.shard, cid, "replaced" if cid in self._docs else "added")
+                self.engine.set_campaign(camp)
+                self.campaign_ids.add(cid)
+                self._docs[cid] = docs[cid]
+        states = self.campaign_state.all()
+        for cid in self.engine.campaigns:
+            paused = bool(states.get(cid, {}).get("paused", False))
+            if self.engine.campaigns[cid].paused != paused:
+                self.engine.pause(cid, paused)
+                log.info("shard %d: campaign %s %s", self.shard, cid, "paused" if paused else "resumed")
+        self.budgets.exhausted.clear()
 
     def commit(self, batch: PreparedBatch, offsets: dict[int, str] | None = None,
                rejected: dict[int, list[bytes]] | None = None) -> None:
@@ -181,6 +234,7 @@ class ShardCore:
             self.commit_failed_at = time.monotonic()
             raise
         self.commit_failed_at = 0.0
+        batch.stats = self.store.last_stats
         if batch.earlier:  # duplicates answer with their first processing's actions, from the journals
             keys = {key for _, key, _ in batch.earlier}
             repeat_actions(batch.results, batch.earlier, self.store.journals(keys))

@@ -2,7 +2,8 @@
 
     playbus:{catalog}:scripts          set     script names
     playbus:{catalog}:script:<name>    hash    "v:<N>" -> source, "next" -> last version number, "active" -> N,
-                                               "file" -> the source last loaded from the script's file
+                                               "file" -> the source last loaded from the script's file,
+                                               "canary" -> N and "canary_percent" -> P while a canary runs
     playbus:{catalog}:generation       string  bumped by every change: shards reload the catalog when it moves
 The hash tag keeps every catalog key in one Redis Cluster slot, so each change is one atomic script.
 
@@ -22,7 +23,7 @@ from playbus.actors.store.scripts import lua
 if TYPE_CHECKING:
     from playbus.actors.engine.engine import ShardEngine
 
-__all__ = ["ScriptCatalog"]
+__all__ = ["GENERATION", "ScriptCatalog"]
 
 NAMES = "playbus:{catalog}:scripts"
 GENERATION = "playbus:{catalog}:generation"
@@ -35,6 +36,17 @@ def _key(name: str) -> str:
 
 def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _script(name: str, raw: dict[Any, Any]) -> dict[str, Any]:
+    """{"name", "active", "versions": {N: source}, "canary": {"version", "percent"} or None} of a script hash."""
+    fields = {_text(k): v for k, v in raw.items()}
+    versions = {int(k[2:]): _text(v) for k, v in fields.items() if k.startswith("v:")}
+    canary = None
+    if "canary" in fields:
+        canary = {"version": int(fields["canary"]), "percent": float(fields.get("canary_percent", 100))}
+    return {"name": name, "active": int(fields.get("active", 0)), "versions": dict(sorted(versions.items())),
+            "canary": canary}
 
 
 class ScriptCatalog:
@@ -73,9 +85,10 @@ class ScriptCatalog:
         """Store a new version (active if it is the first); returns its number."""
         return int(self._add(keys=[NAMES, _key(name), GENERATION], args=[name, source]))
 
-    def activate(self, name: str, version: int) -> bool:
-        """Make `version` the active one; False if the script has no such version."""
-        return bool(int(self._activate(keys=[_key(name), GENERATION], args=[version])))
+    def activate(self, name: str, version: int, percent: float = 100) -> bool:
+        """Make `version` the active one (percent 100, which ends a canary), or the canary run by `percent`% of
+        the users; False if the script has no such version."""
+        return bool(int(self._activate(keys=[_key(name), GENERATION], args=[version, percent])))
 
     def generation(self) -> int:
         """A number that changes whenever the catalog does."""
@@ -86,15 +99,7 @@ class ScriptCatalog:
         raw: Any = self.client.hgetall(_key(name))
         if not raw:
             return None
-        versions = {}
-        active = 0
-        for k, v in raw.items():
-            k = _text(k)
-            if k.startswith("v:"):
-                versions[int(k[2:])] = _text(v)
-            elif k == "active":
-                active = int(v)
-        return {"name": name, "active": active, "versions": dict(sorted(versions.items()))}
+        return _script(name, raw)
 
     def names(self) -> list[str]:
         raw: Any = self.client.smembers(NAMES)
@@ -105,13 +110,11 @@ class ScriptCatalog:
         pipe = self.client.pipeline(transaction=False)
         for n in names:
             pipe.hgetall(_key(n))
-        out = []
-        for n, raw in zip(names, pipe.execute(), strict=True):
-            if raw:
-                versions = {int(_text(k)[2:]): _text(v) for k, v in raw.items() if _text(k).startswith("v:")}
-                active = next((int(v) for k, v in raw.items() if _text(k) == "active"), 0)
-                out.append({"name": n, "active": active, "versions": dict(sorted(versions.items()))})
-        return out
+        return [_script(n, raw) for n, raw in zip(names, pipe.execute(), strict=True) if raw]
+
+    def active_sources(self) -> dict[str, str]:
+        """name -> the source of its active version, for every script with one."""
+        return {s["name"]: s["versions"][s["active"]] for s in self.all() if s["active"]}
 
     def install(self, engine: ShardEngine, all_versions: bool = True, skip: str | None = None) -> None:
         """Give `engine` the stored scripts (every version, or only the active ones) and activate them."""
@@ -124,3 +127,5 @@ class ScriptCatalog:
                 engine.put_script(name, source, v)
             if active:
                 engine.activate(name, active)
+            if s["canary"] is not None and s["canary"]["version"] in versions:
+                engine.activate(name, s["canary"]["version"], s["canary"]["percent"])

@@ -1,12 +1,13 @@
 -- The commit unit of playbus.actors.store.commit: every key group of a micro-batch in one call, each group its
 -- own fenced, deduplicated unit (one group per call on Redis Cluster, where a call must stay in one slot).
 -- One unit = one key group's share of a micro-batch, written by `unit(k, a)`:
--- KEYS from k: epoch, batch, users, journal, input, offset, timers, timer events, then the streams it appends to
+-- KEYS from k: epoch, batch, users, journal, input, offset, timers, timer events, stats, then the streams it appends to
 --       (outbox, failed, rejected, target streams, other groups' input partitions for the events rules sent).
 -- ARGV from a: epoch, batch token, #snapshots, journal entry ("" for none), journal max length, input offset
 --       ("" for none), #streams, #timer changes, then user_key/snapshot pairs, then per stream (KEYS index within
 --       the unit, 1-based; field; count; values), then the timer changes in order: "S", event id, due ms, event
---       (set: the sorted set's member and score, the event in the hash) or "D", event id (delete).
+--       (set: the sorted set's member and score, the event in the hash) or "D", event id (delete), then
+--       #stats and field/increment pairs for the group's counters (HINCRBY).
 -- A unit returns {"OK"}, {"DUP"} (this batch token was committed already: nothing written),
 -- {"FENCED", current epoch} (the caller is not the owner: nothing written) or {"WRONGTYPE", key, its type}
 -- (a key it would write holds another type: nothing written). Everything that can fail is checked before the
@@ -38,6 +39,7 @@ local function unit(k0, a0)
     checks[#checks + 1] = {KEYS[k0 + 6], 'zset'}
     checks[#checks + 1] = {KEYS[k0 + 7], 'hash'}
   end
+  checks[#checks + 1] = {KEYS[k0 + 8], 'hash'}
   local a = first + 2 * nsnap
   for _ = 1, nstream do
     checks[#checks + 1] = {KEYS[k0 - 1 + tonumber(ARGV[a])], 'stream'}
@@ -77,6 +79,10 @@ local function unit(k0, a0)
       redis.call('HDEL', KEYS[k0 + 7], ARGV[a + 1])
       a = a + 2
     end
+  end
+  local nstats = tonumber(ARGV[a])
+  for i = a + 1, a + 2 * nstats, 2 do
+    redis.call('HINCRBY', KEYS[k0 + 8], ARGV[i], ARGV[i + 1])
   end
   if offset ~= '' then
     redis.call('SET', KEYS[k0 + 5], offset)

@@ -11,6 +11,9 @@ Key layout (the key group's hash tag keeps every key of a group in one Redis Clu
     playbus:{kg17}:offset    string  the last entry of the input partition that a committed batch consumed
     playbus:{kg17}:timers    zset    pending timers of the group's users: event id, scored by due time (ms)
     playbus:{kg17}:timer_events hash event id -> the timer's event (msgpack, actors.engine.events.Fired)
+    playbus:{kg17}:stats     hash    counters of the group's committed rule runs, per campaign (see `stat_counts`):
+                                     "<campaign>\0runs\0<rule>\0<version>", "...\0errors\0<rule>\0<version>",
+                                     "...\0grants\0<action type>", "...\0refusals\0cap:<id>|budget:<name>|..."
     playbus:{kg17}:outbox    stream  field "action" = action JSON, for the delivery worker
     playbus:{kg17}:failed    stream  field "entry" = failed rule run JSON, for replay (补单)
 Events that rules `send` are XADDed to the target user's input partition (field "events", one record batch per
@@ -40,7 +43,7 @@ from playbus.actors.engine.keys import group_prefix, key_group, user_key
 from playbus.actors.store.errors import FencedError, StoreError
 from playbus.actors.store.scripts import lua
 
-__all__ = ["REJECTED_STREAM", "FencedError", "RedisStore", "StoreError"]
+__all__ = ["REJECTED_STREAM", "FencedError", "RedisStore", "StoreError", "stat_counts"]
 
 REJECTED_STREAM = "playbus:rejected"
 JOURNAL_SCAN = 2000  # journal entries (batches) of a group scanned back when looking for a user's decisions
@@ -62,6 +65,30 @@ def _collect(decisions: list[Any], found: dict[str, list[dict[str, Any]]]) -> No
             newer.setdefault(uk, []).append(Decision.from_packed(d))
     for uk, rows in newer.items():
         found[uk][:0] = rows
+
+
+def stat_counts(decisions: Iterable[Any]) -> dict[str, int]:
+    """The counters a group's share of a batch adds to its `stats` hash: per campaign, rule runs and failed runs
+    by rule and version, grants by action type, refusals by what refused (the reason up to its first ": ", e.g.
+    "cap:<id>", "budget:<name>", "timers")."""
+    out: dict[str, int] = {}
+    for d in decisions:
+        if isinstance(d, dict):  # a journal entry given as a dict (tests, tools): what it has
+            c, rule, version, actions, error, refused = (d["campaign"], d.get("rule"), d.get("script_version"),
+                                                         d.get("actions") or (), d.get("error"),
+                                                         d.get("refused") or ())
+            if rule is None:
+                continue
+        else:
+            c, rule, version, actions, error, refused = d[0], d[4], d[5], d[6], d[8], d[9]
+        keys = [f"{c}\x00runs\x00{rule}\x00{version}"]
+        if error is not None:
+            keys.append(f"{c}\x00errors\x00{rule}\x00{version}")
+        keys += [f"{c}\x00grants\x00{a['type']}" for a in actions]
+        keys += [f"{c}\x00refusals\x00{r['reason'].partition(': ')[0]}" for r in refused]
+        for key in keys:
+            out[key] = out.get(key, 0) + 1
+    return out
 
 
 class _Unit:
@@ -100,6 +127,7 @@ class RedisStore:
         self.key_groups = key_groups
         self.journal_maxlen = journal_maxlen
         self.round_trips = 0  # network exchanges made by this store, for tests and metrics
+        self.last_stats: dict[str, int] = {}  # the stat counters the last commit added (all its groups)
         self.per_group_calls = per_group_calls
         self.wait_fsync_ms = wait_fsync_ms
         self._script = client.register_script(lua("commit"))
@@ -325,7 +353,9 @@ class RedisStore:
         if batch_id is None:
             self._seq += 1
             batch_id = f"{self._token_prefix}-{self._seq}"
-        calls = [self._unit_call(u, epochs[u.kg], batch_id) for u in units.values()]
+        totals: dict[str, int] = {}
+        calls = [self._unit_call(u, epochs[u.kg], batch_id, totals) for u in units.values()]
+        self.last_stats = totals
         results = self._run(calls)
         fenced: list[str] = []
         errors: list[str] = []
@@ -350,11 +380,11 @@ class RedisStore:
             )
         return done
 
-    def _unit_call(self, u: _Unit, epoch: int, batch_id: str) -> tuple[list[Any], list[Any]]:
+    def _unit_call(self, u: _Unit, epoch: int, batch_id: str, totals: dict[str, int]) -> tuple[list[Any], list[Any]]:
         """KEYS and ARGV of one group's commit unit (see commit.lua)."""
         p = self._prefix[u.kg]
         keys: list[Any] = [p + "epoch", p + "batch", p + "users", p + "journal", p + "in", p + "offset", p + "timers",
-                           p + "timer_events"]
+                           p + "timer_events", p + "stats"]
         body: list[Any] = []
         nstreams = 0
         for key, field, values in ((p + "outbox", "action", u.outbox), (p + "failed", "entry", u.failed),
@@ -378,6 +408,11 @@ class RedisStore:
         args += body
         for op in u.timers:
             args += op
+        stats = stat_counts(u.decisions)
+        args.append(len(stats))
+        for f, n in stats.items():
+            args += (f, n)
+            totals[f] = totals.get(f, 0) + n
         return keys, args
 
     def _run(self, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:

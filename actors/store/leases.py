@@ -26,7 +26,7 @@ from typing import Any
 import redis
 
 from playbus.actors.store.scripts import lua
-from playbus.config.schema import Config
+from playbus.config.schema import CampaignConfig, Config
 
 __all__ = ["LeasedBudgets", "budget_key"]
 
@@ -60,15 +60,22 @@ class LeasedBudgets:
         self.exhausted: dict[_Key, float] = {}  # budget -> when Redis last had too little for a deficit
         self.round_trips = 0
         self._lease = client.register_script(lua("lease"))
-        pipe = client.pipeline(transaction=False)
+        self.block_fraction = block_fraction
+        self.min_block = min_block
         for c in config.campaigns:
-            for b in c.budgets:
-                k = (c.id, b.name)
-                self.keys[k] = budget_key(c.id, b.name)
-                self.blocks[k] = max(min_block, int(b.total * block_fraction))
-                self.leased[k] = 0
-                pipe.set(self.keys[k], b.total, nx=True)
-        if self.keys:
+            self.add_campaign(c)
+
+    def add_campaign(self, campaign: CampaignConfig) -> None:
+        """Know this campaign's budgets (a campaign added or replaced while running): each counter is created
+        with its total the first time, and a budget already known keeps its lease."""
+        pipe = self.client.pipeline(transaction=False)
+        for b in campaign.budgets:
+            k = (campaign.id, b.name)
+            self.keys[k] = budget_key(campaign.id, b.name)
+            self.blocks[k] = max(self.min_block, int(b.total * self.block_fraction))
+            self.leased.setdefault(k, 0)
+            pipe.set(self.keys[k], b.total, nx=True)
+        if campaign.budgets:
             pipe.execute()
             self.round_trips += 1
 

@@ -24,6 +24,7 @@ from tests.support.configs import write_config
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"
 TOKEN = "e2e-secret-token"
+OPS_TOKEN = "ops-token-1234"  # a second operator's token (PLAYBUS_ADMIN_TOKENS), labelled "ops" in the audit log
 CAMPAIGN = "e2e"
 T0 = 1769000000000  # 2026-01-21T20:53:20+08:00, inside the campaign window below
 LOTTERY = "playbus:actions:lottery"
@@ -77,6 +78,7 @@ RULES = [
     {"id": "completed", "on": "task.completed", "script": "deadline"},
     {"id": "expired", "on": "task.expired", "script": "deadline"},
 ]
+BUDGET = {"name": "chances", "action": "lottery.grant_chance", "param": "chances", "total": 1_000_000}
 SETTINGS = {"shards": 2, "key_groups": 16, "dedup_window": 64, "batch": {"max_events": 500, "max_wait_ms": 2},
             "sandbox": {"max_instructions": 200000, "max_memory_kb": 4096}}
 
@@ -165,10 +167,24 @@ def event(eid: str, user: str, type: str = "quiz.answered", ts: int = T0, **data
     return e
 
 
+# The test vectors of `credited` (beside its script): a push that breaks them is refused.
+CREDITED_VECTORS = """\
+cases:
+  - name: the second credit grants 2 chances
+    events:
+      - {id: h1, user: h1, type: assist.helped, ts: 1769000000000, data: {inviter: inv}}
+      - {id: h2, user: h2, type: assist.helped, ts: 1769000000001, data: {inviter: inv}}
+    expect:
+      actions: [{type: lottery.grant_chance, params: {chances: 2}, user: inv}]
+      contexts: {inv: {assist.credits: 2}, h1: {}, h2: {}}
+"""
+
+
 def _write_config(base: Path) -> Path:
+    (base / "credited.test.yaml").write_text(CREDITED_VECTORS, encoding="utf-8")
     return write_config(base, {"first_quiz": FIRST_QUIZ_V1, "checkin_count": CHECKIN_V1, "helped": HELPED,
                                  "credited": CREDITED, "deadline": DEADLINE}, RULES, name="e2e.yaml",
-                        campaign=CAMPAIGN, targets={"lottery": {"stream": LOTTERY}}, **SETTINGS)
+                        campaign=CAMPAIGN, targets={"lottery": {"stream": LOTTERY}}, budgets=[BUDGET], **SETTINGS)
 
 
 @pytest.fixture(scope="session")
@@ -176,7 +192,8 @@ def playbus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Playbus]:
     tmp = tmp_path_factory.mktemp("playbus-e2e")
     config_path = _write_config(tmp)
     cluster = ClusterProcess(config_path, port=free_port(), redis_dir=tmp / "redis", shards=2,
-                             env={"PLAYBUS_ADMIN_TOKEN": TOKEN}, cwd=ROOT, python=PYTHON,
+                             env={"PLAYBUS_ADMIN_TOKEN": TOKEN, "PLAYBUS_ADMIN_TOKENS": f"ops:{OPS_TOKEN}"},
+                             cwd=ROOT, python=PYTHON,
                              start_timeout_s=START_TIMEOUT_S, stop_timeout_s=STOP_TIMEOUT_S)
     t = time.monotonic()
     cluster.start()  # ClusterStartError (with the output) if it does not come up; then nothing of it is left

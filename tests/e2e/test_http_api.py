@@ -23,7 +23,18 @@ from playbus.actors.engine.keys import action_id, derived_event_id
 from playbus.actors.service.http_api import IngressCore
 from playbus.actors.service.router import Router
 from playbus.config.loader import load_config
-from tests.e2e.conftest import CAMPAIGN, FIRST_QUIZ_V1, LOTTERY, T0, TOKEN, Playbus, Reply, event
+from tests.e2e.conftest import (
+    CAMPAIGN,
+    CREDITED,
+    FIRST_QUIZ_V1,
+    LOTTERY,
+    OPS_TOKEN,
+    T0,
+    TOKEN,
+    Playbus,
+    Reply,
+    event,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -368,6 +379,7 @@ ADMIN_CALLS: list[tuple[str, str, bytes]] = [
     ("PUT", "/v1/scripts/first_quiz", FIRST_QUIZ_V2.encode()),
     ("POST", "/v1/scripts/first_quiz/activate", b'{"version": 1}'),
     ("POST", "/v1/scripts/first_quiz/dry-run", json.dumps({"version": 1, "events": [event("x", "u")]}).encode()),
+    ("GET", "/v1/audit", b""),
 ]
 
 
@@ -424,7 +436,8 @@ def test_put_script_with_a_syntax_error_is_422_with_the_line(playbus: Playbus, f
 
 
 def test_get_script_shows_versions_active_and_source(playbus: Playbus, first_quiz_v2: Reply) -> None:
-    assert script(playbus) == {"name": "first_quiz", "active": 1, "versions": [1, 2], "source": FIRST_QUIZ_V1}
+    assert script(playbus) == {"name": "first_quiz", "active": 1, "versions": [1, 2], "source": FIRST_QUIZ_V1,
+                              "canary": None}
     listing = playbus.admin("GET", "/v1/scripts")
     assert listing.status == 200
     assert {s["name"]: (s["active"], s["versions"]) for s in listing.json()["scripts"]}["first_quiz"] == (1, [1, 2])
@@ -495,7 +508,8 @@ def test_activate_switches_every_shard_within_1s(playbus: Playbus, first_quiz_v2
         for u in probes:
             (d,) = playbus.decisions(u)
             assert (d["script_version"], d["changes"]) == (2, {"quiz.answered": 1, "quiz.script": "v2"})
-        assert script(playbus) == {"name": "first_quiz", "active": 2, "versions": [1, 2], "source": FIRST_QUIZ_V2}
+        assert script(playbus) == {"name": "first_quiz", "active": 2, "versions": [1, 2], "source": FIRST_QUIZ_V2,
+                                   "canary": None}
     finally:
         assert activate(playbus, 1).status == 200
     back = results_of(playbus.post_events([event(f"switch-back-{u}", u) for u in probes]))
@@ -574,6 +588,11 @@ def test_no_event_fails_or_is_lost_while_activating(playbus: Playbus, first_quiz
 def _lottery_len(playbus: Playbus) -> int:
     with playbus.redis() as r:
         return int(r.xlen(LOTTERY))
+
+
+def lottery_actions(playbus: Playbus) -> list[dict[str, Any]]:
+    with playbus.redis() as r:
+        return [json.loads(f[b"action"]) for _, f in r.xrange(LOTTERY)]
 
 
 def test_dry_run_with_a_stored_version_and_context_has_no_side_effect(playbus: Playbus, first_quiz_v2: Reply) -> None:
@@ -758,3 +777,146 @@ def test_a_send_credits_another_user_and_timers_fire_show_and_cancel_end_to_end(
     assert made["made"]["via"] == "send" and made["made"]["user"] == "e2e-dinv"
     assert made["context"] == {"assist.credits": 2} and made["actions"][0]["params"] == {"chances": 2}
     assert playbus.context("e2e-dinv") == {}
+
+
+def test_every_admin_change_is_in_the_audit_log_with_the_label_of_its_token(playbus: Playbus) -> None:
+    ops = {"Authorization": f"Bearer {OPS_TOKEN}"}
+    r = playbus.request("PUT", "/v1/scripts/audited", b"function decide(e, ctx) end", ops)
+    assert r.status == 201, r.body
+    version = r.json()["version"]
+    assert playbus.admin("POST", "/v1/scripts/audited/activate", {"version": version}).status == 200
+    assert playbus.admin("POST", "/v1/scripts/audited/dry-run", {"events": []}).status == 200  # not a change
+    r = playbus.request("GET", "/v1/audit?limit=2", None, ops)
+    assert r.status == 200, r.body
+    newest, before = r.json()["entries"]
+    assert (newest["who"], newest["action"], newest["target"], newest["detail"]) == (
+        "admin", "script.activate", "audited", {"version": version, "percent": 100,
+                                               "previous": {"active": version, "canary": None}})
+    assert (before["who"], before["action"], before["target"], before["detail"]["version"]) == (
+        "ops", "script.push", "audited", version)
+    assert before["ts"] <= newest["ts"] <= time.time() * 1000
+    assert playbus.request("GET", "/v1/audit?limit=x", None, ops).status == 400
+    assert playbus.request("GET", "/v1/audit", None, {"Authorization": f"Bearer {OPS_TOKEN}x"}).status == 401
+
+
+# -- admin: operating campaigns --------------------------------------------------------------------
+def test_pause_is_a_kill_switch_resume_runs_rules_again_and_both_are_audited(playbus: Playbus) -> None:
+    user = "u-paused"
+    r = playbus.admin("POST", f"/v1/campaigns/{CAMPAIGN}/pause")
+    assert r.status == 200 and r.json() == {"id": CAMPAIGN, "paused": True, "changed": True}, r.body
+    try:
+        assert playbus.admin("GET", f"/v1/campaigns/{CAMPAIGN}").json()["paused"] is True
+        # From the answer on, every shard applies events with no rule run: no action, no context write.
+        got = results_of(playbus.post_events([event("paused-1", user), event("paused-2", user)]))
+        assert got == [applied("paused-1"), applied("paused-2")]
+        assert playbus.context(user) == {} and playbus.decisions(user) == []
+        assert playbus.admin("POST", f"/v1/campaigns/{CAMPAIGN}/pause").json()["changed"] is False
+    finally:
+        r = playbus.admin("POST", f"/v1/campaigns/{CAMPAIGN}/resume")
+    assert r.status == 200 and r.json()["paused"] is False
+    got = results_of(playbus.post_events([event("paused-3", user)]))
+    assert got == [applied("paused-3", [chance(user, "paused-3", version=got[0]["actions"][0]["script_version"])])]
+    assert playbus.context(user) == {"quiz.answered": 1}
+    assert results_of(playbus.post_events([event("paused-1", user)])) == [duplicate("paused-1")]  # applied before
+    entries = playbus.admin("GET", "/v1/audit?limit=5").json()["entries"]
+    assert [(e["action"], e["target"]) for e in entries[:2]] == [("campaign.resume", CAMPAIGN),
+                                                                 ("campaign.pause", CAMPAIGN)]
+
+
+def test_stats_count_grants_refusals_runs_and_budgets_and_a_top_up_raises_the_total(playbus: Playbus) -> None:
+    before = playbus.admin("GET", f"/v1/campaigns/{CAMPAIGN}/stats").json()
+    users = [f"u-stats-{i}" for i in range(5)]
+    results_of(playbus.post_events([event(f"stats-{i}", u) for i, u in enumerate(users)]))
+    after = playbus.admin("GET", f"/v1/campaigns/{CAMPAIGN}/stats").json()
+    assert after["grants"]["lottery.grant_chance"] - before["grants"].get("lottery.grant_chance", 0) == 5
+    runs = sum(v["runs"] for v in after["rules"]["first_quiz"].values())
+    assert runs - sum(v["runs"] for v in before["rules"].get("first_quiz", {}).values()) == 5
+    budget = after["budgets"]["chances"]
+    assert budget["total"] == 1_000_000  # as configured (the only top-up of this session is below)
+    assert budget["spent"] + budget["left"] == budget["total"]
+    granted = sum(a["params"]["chances"] for a in lottery_actions(playbus) if a["type"] == "lottery.grant_chance")
+    assert budget["spent"] == granted
+    assert set(after["delivery"]) == {"backlog", "dead", "exact"} and after["delivery"]["dead"] == 0
+    r = playbus.admin("POST", f"/v1/campaigns/{CAMPAIGN}/budgets/chances/topup", {"amount": 500})
+    assert r.status == 200 and r.json() == {"campaign": CAMPAIGN, "budget": "chances", "total": budget["total"] + 500}
+    topped = playbus.admin("GET", f"/v1/campaigns/{CAMPAIGN}/stats").json()["budgets"]["chances"]
+    assert topped == {"total": budget["total"] + 500, "spent": budget["spent"], "left": budget["left"] + 500}
+    for body, status in (({"amount": 0}, 422), ({"amount": "5"}, 422), ({}, 422), (b"{x", 400)):
+        assert playbus.admin("POST", f"/v1/campaigns/{CAMPAIGN}/budgets/chances/topup", body).status == status
+    assert playbus.admin("POST", f"/v1/campaigns/{CAMPAIGN}/budgets/nope/topup", {"amount": 1}).status == 404
+    assert playbus.admin("GET", "/v1/campaigns/nope/stats").status == 404
+    assert playbus.admin("PUT", f"/v1/campaigns/{CAMPAIGN}", {}).json()["field"] == "starts"  # validated
+
+
+def test_a_campaign_created_and_replaced_through_the_api_runs_from_the_next_batch(playbus: Playbus) -> None:
+    doc = {"timezone": "UTC", "starts": "2026-01-01T00:00:00+00:00", "ends": "2027-01-01T00:00:00+00:00",
+           "rules": [{"id": "live_quiz", "on": "quiz.answered", "script": "first_quiz",
+                      "emits": ["lottery.grant_chance"]}]}
+    bad = playbus.admin("PUT", "/v1/campaigns/live", {**doc, "rules": [{**doc["rules"][0], "emits": ["x.y"]}]})
+    assert bad.status == 422 and bad.json()["field"] == "rules[0].emits[0]", bad.body
+    assert "no target for gameplay 'x'" in bad.json()["error"]
+    assert playbus.admin("PUT", "/v1/campaigns/live", {**doc, "id": "other"}).status == 422
+    assert playbus.admin("PUT", "/v1/campaigns/live", b"[1").status == 400
+    r = playbus.admin("PUT", "/v1/campaigns/live", doc)
+    assert r.status == 201, r.body
+    assert r.json()["id"] == "live" and r.json()["paused"] is False
+    quiz = {"id": "live-1", "campaign": "live", "user": "u-live", "type": "quiz.answered", "ts": T0}
+    [res] = results_of(playbus.post_events([quiz]))
+    assert [(a["campaign"], a["rule"]) for a in res["actions"]] == [("live", "live_quiz")]
+    # Replaced: a cap of 0 a day refuses the chance from the next event on.
+    capped = {**doc, "caps": [{"id": "none", "action": "lottery.grant_chance", "per_user": 0, "period": "day"}]}
+    assert playbus.admin("PUT", "/v1/campaigns/live", capped).status == 200
+    [res] = results_of(playbus.post_events([{**quiz, "id": "live-2", "user": "u-live-2"}]))
+    assert res["actions"] == []
+    got = playbus.admin("GET", "/v1/campaigns/live").json()
+    assert got["caps"] == capped["caps"] and got["rules"][0]["script"] == "first_quiz"
+    stats = playbus.admin("GET", "/v1/campaigns/live/stats").json()
+    assert stats["grants"] == {"lottery.grant_chance": 1} and stats["refusals"] == {"cap:none": 1}
+    actions = [e["action"] for e in playbus.admin("GET", "/v1/audit?limit=2").json()["entries"]]
+    assert actions == ["campaign.replace", "campaign.create"]
+
+
+def test_a_push_that_breaks_its_scripts_test_vectors_is_refused(playbus: Playbus) -> None:
+    before = script(playbus, "credited")
+    greedy = CREDITED.replace("chances = 2", "chances = 3")
+    r = playbus.admin("PUT", "/v1/scripts/credited", greedy)
+    assert r.status == 422, r.body
+    assert "test vectors fail" in r.json()["error"]
+    [failure] = r.json()["failures"]
+    assert "the second credit grants 2 chances" in failure and '"chances": 3' in failure
+    assert script(playbus, "credited") == before  # nothing stored
+    r = playbus.admin("PUT", "/v1/scripts/credited", CREDITED + "-- a comment\n")
+    assert r.status == 201, r.body
+
+
+def test_a_canary_runs_for_its_share_of_users_and_the_old_version_rolls_it_back(playbus: Playbus) -> None:
+    v1 = 'function decide(e, ctx) emit("lottery.grant_chance", {chances = 1}) end'
+    assert playbus.admin("PUT", "/v1/scripts/canary_q", v1).status == 201
+    doc = {"timezone": "UTC", "starts": "2026-01-01T00:00:00+00:00", "ends": "2027-01-01T00:00:00+00:00",
+           "rules": [{"id": "cq", "on": "quiz.answered", "script": "canary_q", "emits": ["lottery.grant_chance"]}]}
+    assert playbus.admin("PUT", "/v1/campaigns/canary", doc).status == 201
+    assert playbus.admin("PUT", "/v1/scripts/canary_q", v1.replace("chances = 1", "chances = 2")).status == 201
+    r = playbus.admin("POST", "/v1/scripts/canary_q/activate", {"version": 2, "percent": 20})
+    assert r.json() == {"name": "canary_q", "active": 1, "canary": {"version": 2, "percent": 20}}, r.body
+    assert script(playbus, "canary_q")["canary"] == {"version": 2, "percent": 20.0}
+    assert playbus.admin("POST", "/v1/scripts/canary_q/activate", {"version": 2, "percent": 0}).status == 422
+
+    def run(tag: str) -> dict[str, int]:
+        evs = [{"id": f"{tag}-{i}", "campaign": "canary", "user": f"cu{i}", "type": "quiz.answered", "ts": T0}
+               for i in range(500)]
+        out = {}
+        for res in results_of(playbus.post_events(evs)):
+            [a] = res["actions"]
+            assert a["params"]["chances"] == a["script_version"], a
+            out[a["user"]] = a["script_version"]
+        return out
+
+    first = run("cq-a")
+    share = sum(v == 2 for v in first.values()) / 500
+    assert 0.14 < share < 0.26, share
+    assert run("cq-b") == first  # the same users, the same versions
+    assert playbus.admin("POST", "/v1/scripts/canary_q/activate", {"version": 1}).status == 200  # roll back
+    assert set(run("cq-c").values()) == {1}
+    assert script(playbus, "canary_q")["canary"] is None
+    actions = [e["action"] for e in playbus.admin("GET", "/v1/audit?limit=2").json()["entries"]]
+    assert actions == ["script.activate", "script.canary"]
