@@ -11,8 +11,8 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from hashlib import blake2b
 from typing import Any
-from zlib import crc32
 
 import msgpack
 import msgspec
@@ -21,12 +21,11 @@ from playbus.actors.engine.budgets import Budgets, LocalBudgets
 from playbus.actors.engine.caps import CapBook
 from playbus.actors.engine.clock import CampaignClock
 from playbus.actors.engine.decisions import Decision
-from playbus.actors.engine.events import MAX_TS, NO_DATA, EventIn, Fired, Rejected, check_event
+from playbus.actors.engine.events import MAX_TS, NO_DATA, EventIn, Fired, Rejected, Replay, check_event
 from playbus.actors.engine.keys import action_id, derived_event_id, user_key
 from playbus.actors.engine.state import (
     _DIGEST,
     _STAMP,
-    DIGEST_SEED,
     UserState,
     decode_snapshot,
     encode_snapshot,
@@ -55,7 +54,7 @@ def user_keys(events: list[Any]) -> list[str]:
     """The user key of every event that names a campaign and a user (EventIn, or a dict with string ones)."""
     out = []
     for e in events:
-        if type(e) is EventIn or type(e) is Fired:
+        if type(e) is EventIn or type(e) is Fired or type(e) is Replay:
             out.append(f"{e.campaign}\x00{e.user}")  # = keys.user_key, inlined per event
         elif type(e) is dict:
             c, u = e.get("campaign"), e.get("user")
@@ -71,7 +70,7 @@ def _applied_before(events: list[Any], results: list[dict[str, Any]], upto: int,
     for raw, res in zip(events[:upto], results, strict=False):
         if res is None or res["status"] != "applied":
             continue
-        if type(raw) is EventIn or type(raw) is Fired:
+        if type(raw) is EventIn or type(raw) is Fired or type(raw) is Replay:
             campaign, user = raw.campaign, raw.user
         else:
             ev = check_event(raw, now_ms)[0]
@@ -111,6 +110,7 @@ class BatchOutcome:
     sends: list[tuple[str, EventIn]] = field(default_factory=list)  # (sender's user key, event made by `send`)
     timers: list[TimerOp] = field(default_factory=list)  # in decision order
     counts: dict[str, int] = field(default_factory=dict)  # "sent", "timers_set", "timers_cancelled", "fired"
+    replayed: list[tuple[str, str]] = field(default_factory=list)  # (user key, failed-runs entry) run successfully
 
 
 @dataclass
@@ -146,6 +146,7 @@ class _Campaign:
     rulesets: dict[str, _RuleSet]
     offsets: dict[int, int]  # the clock's cache of UTC offsets per quarter hour, read inline per event
     paused: bool = False  # a kill switch: events applied with no rule run (the window is made empty)
+    singles: dict[tuple[str, str], _RuleSet] = field(default_factory=dict)  # (rule, type) -> that rule alone
 
 
 class ShardEngine:
@@ -272,7 +273,7 @@ class ShardEngine:
                     self.sandbox.set_rule_script(rule.handle, handle)
                     rule.version = version
         for camp in self.campaigns.values():
-            for rs in camp.rulesets.values():
+            for rs in (*camp.rulesets.values(), *camp.singles.values()):
                 rs.canary = any(r.canary_bp for r in rs.rules)
 
     # -- the micro-batch ---------------------------------------------------------------------------
@@ -300,7 +301,7 @@ class ShardEngine:
             # that could be avoided; keys.user_key and state.event_digest are inlined).
             blob: bytes | bool | None
             tp = type(raw)
-            if tp is EventIn or tp is Fired:
+            if tp is EventIn or tp is Fired or tp is Replay:
                 eid, campaign, user, etype, ts, blob, depth = (raw.id, raw.campaign, raw.user, raw.type, raw.ts, None,
                                                                raw.depth)
                 if ts is None:
@@ -322,7 +323,13 @@ class ShardEngine:
                     outcome.timers.append(("del", f"{campaign}\x00{user}", eid, 0, None))
                 continue
             rs = camp.rulesets.get(etype)
-            if rs is not None and rs.made and not depth:
+            if tp is Replay:
+                rs = self._single(camp, raw.rule, etype)
+                if rs is None or camp.paused:
+                    why = "the campaign is paused" if camp.paused else f"rule {raw.rule!r} no longer runs on {etype!r}"
+                    results[idx] = {"id": eid, "status": "rejected", "actions": [], "errors": [f"replay: {why}"]}
+                    continue
+            elif rs is not None and rs.made and not depth:
                 results[idx] = {"id": eid, "status": "rejected", "actions": [], "errors": [
                     f"type: {etype!r} events are made by this campaign's rules (their sends); a gameplay cannot "
                     f"send them"]}
@@ -335,9 +342,9 @@ class ShardEngine:
                 results[idx] = {"id": eid, "status": "duplicate", "actions": [], "errors": []}  # cancelled/replaced
                 continue
             id_b = eid.encode()
-            digest = (crc32(id_b) | crc32(id_b, DIGEST_SEED) << 32).to_bytes(8, "little")
+            digest = blake2b(id_b, digest_size=8).digest()  # = state.event_digest
             seen = st.seen
-            if digest in seen and st.has_seen(digest):
+            if digest in seen and st.has_seen(digest) or st.legacy and st.has_seen_legacy(eid):
                 dup = results[idx] = {"id": eid, "status": "duplicate", "actions": [], "errors": []}
                 if firsts is None:
                     firsts = _applied_before(events, results, idx, now_ms)
@@ -388,6 +395,9 @@ class ShardEngine:
         for idx, eid, user, ts, st, day, camp, rs, blob, depth, raw in work:
             cid = camp.id
             fired = _NONE if type(raw) is not Fired else [{"fired": raw.timer}]
+            replay = raw.failed if type(raw) is Replay else None
+            if replay is not None:
+                fired = [{"replay": replay}]
             bucket = canary_bucket(cid, user) if rs.canary else 10_000  # 10,000: above every canary's share
             for rule in rs.rules:
                 err, changes, emits = records[ri]
@@ -403,7 +413,9 @@ class ShardEngine:
                 effects: list[dict[str, Any]] = list(fired)
                 if err is not None:
                     res["errors"].append(f"rule {rule.id}: {err}")
-                    out.failed.append(self._failed_entry(eid, cid, user, rs.type, ts, blob, rule, version, err, raw))
+                    if replay is None:  # a replay that fails again keeps its failed-runs entry (no second one)
+                        out.failed.append(self._failed_entry(eid, cid, user, rs.type, ts, blob, rule, version, err,
+                                                             raw))
                 else:
                     n = k = 0
                     for e in emits:
@@ -427,6 +439,22 @@ class ShardEngine:
                         out.actions.extend(granted)
                 add_decision(_new(Decision, (cid, user, eid, ts, rule.id, version, granted,
                                              changes if changes is not None else {}, err, refused, effects)))
+            if replay is not None and records[ri - 1][0] is None:  # the one rule ran: its entry is done
+                out.replayed.append((f"{cid}\x00{user}", replay))
+
+    def _single(self, camp: _Campaign, rule_id: str, etype: str) -> _RuleSet | None:
+        """A rule set of one rule of the campaign (a replay runs only the rule that failed), or None when the
+        campaign has no such rule on `etype`."""
+        key = (rule_id, etype)
+        rs = camp.singles.get(key)
+        if rs is None:
+            full = camp.rulesets.get(etype)
+            rule = next((r for r in full.rules if r.id == rule_id), None) if full is not None else None
+            if rule is None:
+                return None
+            rs = camp.singles[key] = _RuleSet(self.sandbox.define_ruleset([rule.handle], camp.id, etype), [rule], 1,
+                                              etype, full.made if full else False, rule.canary_bp > 0)
+        return rs
 
     # -- events rules make: sends and timers -------------------------------------------------------
     @staticmethod
@@ -497,7 +525,7 @@ class ShardEngine:
         event: dict[str, Any] = {"id": eid, "campaign": campaign, "user": user, "type": etype, "ts": ts}
         if blob:
             event["data"] = msgpack.unpackb(blob, raw=False, strict_map_key=False)
-        if type(raw) is EventIn or type(raw) is Fired:
+        if type(raw) is EventIn or type(raw) is Fired or type(raw) is Replay:
             if raw.depth:
                 event["cause"], event["depth"] = raw.cause, raw.depth
         return {"event": event, "rule": rule.id, "script_version": version, "error": err}
