@@ -167,6 +167,20 @@ def render_table(res: dict[str, Any]) -> str:
                          f"{ta['timers'] / max(ta['last_fired_after_due_ms'] / 1000, 1e-3):,.0f} fired/s | | | | "
                          f"last {ta['last_fired_after_due_ms'] / 1000:.1f} s after due; lateness "
                          f"{ta['lateness_ms']['p50']:.0f} / {ta['lateness_ms']['p99']:.0f} |")
+        ops = cl.get("ops")
+        if ops:
+            a, pz, rp = ops["activate"], ops["pause"], ops["replay"]
+            first = a["first_event_on_it_ms"]
+            met_a = "met" if first["max"] < 1000 else "**not met**"
+            met_p = "met" if pz["call_ms"]["max"] < 1000 else "**not met**"
+            lines.append(f"| activating a script version | beside {a['background_events_per_s']:,.0f} events/s | | | "
+                         f"| every shard within 1 s ({met_a}) | call {a['call_ms']['median']:.0f} ms; first event on "
+                         f"it {first['median']:.0f} (max {first['max']:.0f}) |")
+            lines.append(f"| pausing / resuming a campaign | beside {pz['background_events_per_s']:,.0f} events/s | "
+                         f"| | | within 1 s ({met_p}) | call {pz['call_ms']['median']:.0f} ms (max "
+                         f"{pz['call_ms']['max']:.0f}) |")
+            lines.append(f"| replaying failed runs (补单) | {rp['runs']:,} runs | {rp['runs_per_s']:,.0f} runs/s | | | "
+                         f"| {rp['seconds']:.1f} s |")
     lines += ["", "![throughput against batch size](loadtest/results/throughput_vs_batch.png)",
               "![ratio to the baseline](loadtest/results/ratios.png)", "![latency](loadtest/results/latency.png)"]
     return "\n".join(lines) + "\n"

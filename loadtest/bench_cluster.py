@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -40,7 +41,7 @@ from typing import Any
 
 import msgpack
 
-from playbus.loadtest import bench_linkage
+from playbus.loadtest import bench_linkage, bench_ops
 from playbus.loadtest.bench_engine import FIRST_QUIZ, T0, TEN_KEYS  # T0: 2026-01-21, in the campaign
 from playbus.loadtest.cpu import CpuMeter
 from playbus.loadtest.stats import percentile
@@ -427,6 +428,7 @@ def run(quick: bool = False, users: int = 10_000, rounds: int = 3, memory_users:
     memory_users = memory_users if memory_users is not None else (50_000 if quick else 1_000_000)
     out: dict[str, Any] = {"users": users, "shards": 2, "events_per_round": n, "baseline_events_per_round": nb,
                            "rounds": rounds, "paths": []}
+    os.environ.setdefault("PLAYBUS_ADMIN_TOKEN", bench_ops.TOKEN)  # the admin API of the operations measures
     with tempfile.TemporaryDirectory(prefix="playbus-bench-") as d, \
             ClusterBench(Path(d), users=users, rounds=rounds, progress=progress) as b:
         progress(f"cluster benchmark: {n:,} events a round, {rounds} rounds, {users:,} users, 2 shards; the "
@@ -464,6 +466,19 @@ def run(quick: bool = False, users: int = 10_000, rounds: int = 3, memory_users:
         ta = out["timers_at_once"] = bench_linkage.timers_at_once(b, 20_000 if quick else 100_000)
         progress(f"  timers     {ta['timers']:,} due at once (set in {ta['set_s']:.1f} s): the last fired "
                  f"{ta['last_fired_after_due_ms'] / 1000:.1f} s after due, p50 {ta['lateness_ms']['p50'] / 1000:.1f} s")
+        ops: dict[str, Any] = {}
+        act = ops["activate"] = bench_ops.activation_under_load(b, 20_000)
+        progress(f"  activate   under 20,000 events/s: the call {act['call_ms']['median']:.0f} ms (max "
+                 f"{act['call_ms']['max']:.0f}), the first event on the new version "
+                 f"{act['first_event_on_it_ms']['median']:.0f} ms after the call began (max "
+                 f"{act['first_event_on_it_ms']['max']:.0f})")
+        pz = ops["pause"] = bench_ops.pause_under_load(b, 20_000)
+        progress(f"  pause      under 20,000 events/s: the call {pz['call_ms']['median']:.0f} ms (max "
+                 f"{pz['call_ms']['max']:.0f})")
+        rp = ops["replay"] = bench_ops.replay_speed(b, 2000 if quick else 10_000)
+        progress(f"  replay     {rp['runs']:,} failed runs replayed in {rp['seconds']:.1f} s "
+                 f"({rp['runs_per_s']:,.0f} a second)")
+        out["ops"] = ops
         progress(f"  memory: {memory_users:,} users with a 10-key context each, through the shards ...")
         mem = out["memory"] = b.memory(memory_users)
         progress(f"  memory     {mem['bytes_per_user']:,.0f} B a user (shards' RSS "

@@ -12,22 +12,31 @@ from typing import Any, TextIO
 
 from playbus.errors import CliError
 
-__all__ = ["add_scripts_parser", "call_admin", "run_scripts_command"]
+__all__ = ["add_connection_args", "add_scripts_parser", "call_admin", "run_scripts_command"]
+
+
+def add_connection_args(p: Any, json_flag: bool = False) -> None:
+    """--url and --token of a command that speaks to the admin API (and --json to print its answer)."""
+    p.add_argument("--url", default=os.environ.get("PLAYBUS_URL", "http://127.0.0.1:8000"),
+                   help="playbus HTTP address (default: $PLAYBUS_URL or %(default)s)")
+    p.add_argument("--token", default=os.environ.get("PLAYBUS_ADMIN_TOKEN"),
+                   help="admin token (default: $PLAYBUS_ADMIN_TOKEN)")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print the API's JSON answer")
 
 
 def add_scripts_parser(sub: Any) -> None:
     s = sub.add_parser("scripts", help="push, activate, list, show and dry-run scripts on a running playbus")
-    s.add_argument("--url", default=os.environ.get("PLAYBUS_URL", "http://127.0.0.1:8000"),
-                   help="playbus HTTP address (default: $PLAYBUS_URL or %(default)s)")
-    s.add_argument("--token", default=os.environ.get("PLAYBUS_ADMIN_TOKEN"),
-                   help="admin token (default: $PLAYBUS_ADMIN_TOKEN)")
+    add_connection_args(s)
     ops = s.add_subparsers(dest="op", required=True)
     p = ops.add_parser("push", help="upload a new version of a script from a .lua file")
     p.add_argument("file")
     p.add_argument("--name", help="script name (default: the file stem)")
-    a = ops.add_parser("activate", help="make a version the one every shard runs")
+    a = ops.add_parser("activate", help="make a version the one every shard runs (or, with --percent, a canary)")
     a.add_argument("name")
     a.add_argument("version", type=int)
+    a.add_argument("--percent", type=float, default=100,
+                   help="run it for this share of the users only (a canary, stable per user); 100 ends a canary")
     ops.add_parser("list", help="list scripts")
     sh = ops.add_parser("show", help="versions, active version and source of a script")
     sh.add_argument("name")
@@ -68,7 +77,7 @@ def run_scripts_command(args: argparse.Namespace, out: TextIO) -> int:
         name = args.name or Path(args.file).stem
         res = call_admin(args, "PUT", f"/v1/scripts/{name}", _read(args.file).encode(), "text/plain")
     elif args.op == "activate":
-        body = json.dumps({"version": args.version}).encode()
+        body = json.dumps({"version": args.version, "percent": args.percent}).encode()
         res = call_admin(args, "POST", f"/v1/scripts/{args.name}/activate", body, "application/json")
     elif args.op == "list":
         res = call_admin(args, "GET", "/v1/scripts", None, "")

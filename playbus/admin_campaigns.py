@@ -4,45 +4,59 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from typing import Any, TextIO
 
-from playbus.admin import call_admin
+from playbus.admin import add_connection_args, call_admin
+from playbus.config.errors import ConfigError
+from playbus.config.loader import read_yaml
+from playbus.errors import CliError
 
 __all__ = ["add_audit_parser", "add_campaigns_parser", "run_audit_command", "run_campaigns_command"]
 
 
-def _common(p: Any) -> None:
-    p.add_argument("--url", default=os.environ.get("PLAYBUS_URL", "http://127.0.0.1:8000"),
-                   help="playbus HTTP address (default: $PLAYBUS_URL or %(default)s)")
-    p.add_argument("--token", default=os.environ.get("PLAYBUS_ADMIN_TOKEN"),
-                   help="admin token (default: $PLAYBUS_ADMIN_TOKEN)")
-    p.add_argument("--json", action="store_true", help="print the API's JSON answer")
-
-
 def add_campaigns_parser(sub: Any) -> None:
     c = sub.add_parser("campaigns", help="show, pause, resume, top up and watch running campaigns")
-    _common(c)
+    add_connection_args(c, json_flag=True)
     ops = c.add_subparsers(dest="op", required=True)
-    for op, text in (("show", "the campaign as configured, and whether it is paused"),
+    for op, text in (("show", "the campaign as it runs, and whether it is paused"),
                      ("pause", "apply its events with no rule run (a kill switch), from the shards' next batch"),
                      ("resume", "run its rules again"),
                      ("stats", "budgets, grants, refusals, rule runs and errors, delivery")):
-        ops.add_parser(op, help=text).add_argument("campaign")
+        p = ops.add_parser(op, help=text)
+        p.add_argument("campaign")
+        _json_here(p)
     t = ops.add_parser("topup", help="raise a budget's total")
     t.add_argument("campaign")
     t.add_argument("budget")
     t.add_argument("amount", type=int)
+    _json_here(t)
+    u = ops.add_parser("push", help="create or replace a campaign from a JSON or YAML file (one `campaigns` item, "
+                                    "scripts by name)")
+    u.add_argument("file")
+    _json_here(u)
+
+
+def _json_here(p: Any) -> None:
+    """--json after the operation too (it keeps the value given before it)."""
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the API's JSON answer")
 
 
 def add_audit_parser(sub: Any) -> None:
     a = sub.add_parser("audit", help="who changed what, when (newest first)")
-    _common(a)
+    add_connection_args(a, json_flag=True)
     a.add_argument("--limit", type=int, default=20)
 
 
 def run_campaigns_command(args: argparse.Namespace, out: TextIO) -> int:
+    if args.op == "push":
+        doc = _read_campaign(args.file)
+        cid = doc.get("id") if isinstance(doc, dict) else None
+        if not isinstance(cid, str):
+            raise CliError(f"{args.file}: the campaign needs an 'id'")
+        res = call_admin(args, "PUT", f"/v1/campaigns/{cid}", json.dumps(doc).encode(), "application/json")
+        out.write(json.dumps(res, ensure_ascii=False, indent=2) + "\n")
+        return 0
     base = f"/v1/campaigns/{args.campaign}"
     if args.op == "show":
         res = call_admin(args, "GET", base, None, "")
@@ -63,6 +77,18 @@ def run_campaigns_command(args: argparse.Namespace, out: TextIO) -> int:
     else:
         out.write(render_stats(res))
     return 0
+
+
+def _read_campaign(path: str) -> Any:
+    """A campaign document from a JSON or YAML file (YAML dates kept as the text written)."""
+    try:
+        text = open(path, encoding="utf-8").read()  # noqa: SIM115 - read at once
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        return read_yaml(text, path, text_dates=True)[1]  # YAML is a superset of JSON
+    except ConfigError as e:
+        raise CliError(str(e)) from None
 
 
 def render_stats(s: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from playbus.actors.engine.vectors import SUFFIX, VectorError, load_vectors, run
 from playbus.admin import add_scripts_parser, run_scripts_command
 from playbus.admin_campaigns import add_audit_parser, add_campaigns_parser, run_audit_command, run_campaigns_command
 from playbus.admin_dead import add_dead_parser, run_dead_command
+from playbus.admin_failed import add_failed_parser, run_failed_command
 from playbus.config.errors import ConfigError
 from playbus.config.loader import default_config_path, load_config
 from playbus.errors import CliError
@@ -156,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     add_scripts_parser(sub)
     add_campaigns_parser(sub)
     add_dead_parser(sub)
+    add_failed_parser(sub)
     add_audit_parser(sub)
     return p
 
@@ -172,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_campaigns_command(args, sys.stdout)
         if args.command == "dead":
             return run_dead_command(args, sys.stdout)
+        if args.command == "failed":
+            return run_failed_command(args, sys.stdout)
         if args.command == "audit":
             return run_audit_command(args, sys.stdout)
         return run_scripts_command(args, sys.stdout)

@@ -16,7 +16,7 @@ from typing import Annotated, Any, NamedTuple
 import msgpack
 import msgspec
 
-__all__ = ["MAX_DATA_BYTES", "MAX_DEPTH", "NO_DATA", "Event", "EventIn", "Fired", "Rejected", "check_event",
+__all__ = ["MAX_DATA_BYTES", "MAX_DEPTH", "NO_DATA", "Event", "EventIn", "Fired", "Rejected", "Replay", "check_event",
            "decode_event_raw", "decode_events", "decode_json_events", "encode_event", "encode_events", "from_gameplays",
            "is_msgpack_array", "is_msgpack_map", "msgpack_array"]
 
@@ -56,6 +56,15 @@ class Fired(EventIn, omit_defaults=True):
     the engine decides one only while the user's state still holds that timer (not replaced nor cancelled)."""
 
     timer: str = ""
+
+
+class Replay(EventIn, omit_defaults=True):
+    """A failed rule run asked to run again (补单): the event as it failed, the rule to run (that rule only, on the
+    active version), and the failed-runs entry it replays ("<key group>/<stream entry id>"). Only the admin API
+    makes these; a replay that succeeds removes its entry in the same commit, so it runs once."""
+
+    rule: str = ""
+    failed: str = ""
 
 
 class _EventJson(msgspec.Struct):
@@ -241,7 +250,7 @@ def check_event(raw: Any, now_ms: int) -> tuple[Event | None, str]:
     when it was decoded; a dict is checked here."""
     if type(raw) is Rejected:
         return None, raw.reason
-    if type(raw) is EventIn or type(raw) is Fired:
+    if type(raw) is EventIn or type(raw) is Fired or type(raw) is Replay:
         ts = raw.ts
         wire = bytes(raw.data)  # b"", b"\xc0" (nil) or b"\x80" (an empty map): no data
         return _new(Event, (raw.id, raw.campaign, raw.user, raw.type, now_ms if ts is None else ts,

@@ -26,6 +26,7 @@ from playbus.actors.engine.local import LocalRun
 from playbus.actors.engine.vectors import VectorError, load_vectors, vector_failures
 from playbus.actors.service.admin_campaigns import CampaignAdmin
 from playbus.actors.service.admin_dead import DeadLetterAdmin
+from playbus.actors.service.admin_failed import FailedRunsAdmin
 from playbus.actors.service.replies import MAX_EVENTS, Response, error, reply
 from playbus.actors.store.audit import AuditLog
 from playbus.actors.store.catalog import ScriptCatalog
@@ -75,6 +76,7 @@ class AdminApi:
         self.audit = audit
         self.campaigns = campaigns
         self.dead = DeadLetterAdmin(DeadLetters(audit.client), audit)
+        self.failed = FailedRunsAdmin(config, audit.client, call_shard, audit, self._active_version)
         self.checker = Sandbox(config.sandbox.max_instructions, config.sandbox.max_memory_kb)  # compiles pushes
         # The scripts' test vectors (NAME.test.yaml beside the config's scripts): a push that fails them is refused.
         try:
@@ -85,6 +87,16 @@ class AdminApi:
             self.vector_error = str(e)
         else:
             self.vector_error = ""
+
+    def _active_version(self, campaign: str, rule: str) -> int:
+        """The active version of the script a campaign's rule runs (0 when unknown)."""
+        for c in self.campaigns.running().campaigns:
+            if c.id == campaign:
+                for r in c.rules:
+                    if r.id == rule:
+                        s = self.catalog.get(r.script_name)
+                        return int(s["active"]) if s else 0
+        return 0
 
     def who(self, headers: dict[str, str]) -> str | Response:
         """The label of the admin token the request carries, else the 401 to answer."""
@@ -118,6 +130,8 @@ class AdminApi:
             return await self.campaigns.handle(method, path, query, who, body)
         if path == "/v1/dead" or path.startswith("/v1/dead/"):
             return await self.dead.handle(method, path, query, who, body)
+        if path == "/v1/failed" or path.startswith("/v1/failed/"):
+            return await self.failed.handle(method, path, query, who, body)
         return error(404, f"no such endpoint: {method} {path}")
 
     async def scripts(self, method: str, path: str, body: bytes, who: str) -> Response:
@@ -162,9 +176,9 @@ class AdminApi:
             return reply(422, {"error": f"the script's test vectors fail ({len(failures)}); nothing was stored",
                                "failures": failures})
         version = self.catalog.add(name, source)
+        self.audit.record(who, "script.push", name, {"version": version, "bytes": len(body)})
         await asyncio.gather(*(self.call_shard(s, "put_script", (name, source, version))
                                for s in range(self.config.shards)))
-        self.audit.record(who, "script.push", name, {"version": version, "bytes": len(body)})
         return reply(201, {"name": name, "version": version})
 
     def _vector_failures(self, name: str, source: str) -> list[str]:
@@ -193,10 +207,10 @@ class AdminApi:
             return error(422, f"percent: expected a number in (0, 100], got {percent!r}")
         previous = {"active": s["active"], "canary": s["canary"]}
         self.catalog.activate(name, version, percent)
-        await asyncio.gather(*(self.call_shard(s2, "activate", (name, version, percent))
-                               for s2 in range(self.config.shards)))
         self.audit.record(who, "script.activate" if percent >= 100 else "script.canary", name,
                           {"version": version, "percent": percent, "previous": previous})
+        await asyncio.gather(*(self.call_shard(s2, "activate", (name, version, percent))
+                               for s2 in range(self.config.shards)))
         if percent >= 100:
             return reply(200, {"name": name, "active": version})
         return reply(200, {"name": name, "active": s["active"], "canary": {"version": version, "percent": percent}})

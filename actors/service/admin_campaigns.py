@@ -75,9 +75,9 @@ class CampaignAdmin:
             if method != "POST":
                 return error(405, "use POST")
             changed = self.state.set_paused(cid, op == "pause")
-            await self._tell_shards()
-            if changed:
+            if changed:  # recorded once stored: the shards apply it at their next look even if telling them fails
                 self.audit.record(who, f"campaign.{op}", cid)
+            await self._tell_shards()
             return reply(200, {"id": cid, "paused": op == "pause", "changed": changed})
         if op == "stats":
             if method != "GET":
@@ -104,10 +104,10 @@ class CampaignAdmin:
             return reply(422, {"error": e.message, "field": e.path})
         document = campaign_document(camp)
         created = self.state.put(document)
-        await self._tell_shards()
         self.audit.record(who, "campaign.create" if created else "campaign.replace", cid,
                           {"rules": [r.id for r in camp.rules], "caps": len(camp.caps),
                            "budgets": [b.name for b in camp.budgets]})
+        await self._tell_shards()
         return reply(201 if created else 200, {**document, **self.state.get(cid)})
 
     async def _tell_shards(self) -> None:
@@ -126,8 +126,8 @@ class CampaignAdmin:
         if type(amount) is not int or not 0 < amount <= MAX_TOPUP:
             return error(422, f"amount: expected a positive integer of at most {MAX_TOPUP}, got {amount!r}")
         total = self.state.top_up(camp.id, name, amount)
-        await self._tell_shards()
         self.audit.record(who, "budget.topup", f"{camp.id}/{name}", {"amount": amount, "total": total})
+        await self._tell_shards()
         return reply(200, {"campaign": camp.id, "budget": name, "total": total})
 
     async def stats(self, camp: CampaignConfig) -> dict[str, Any]:

@@ -39,7 +39,7 @@ ShardCall = Callable[[int, str, Sequence[Any]], Awaitable[Any]]
 
 _CTX = re.compile(r"^/v1/campaigns/([^/]+)/users/([^/]+)/(context|decisions)$")
 # The admin endpoints' path prefixes (the token is checked first; /v1/campaigns/{c}/users/... is matched before).
-_ADMIN = ("/v1/scripts", "/v1/audit", "/v1/campaigns/", "/v1/dead")
+_ADMIN = ("/v1/scripts", "/v1/audit", "/v1/campaigns/", "/v1/dead", "/v1/failed")
 
 
 class IngressCore:

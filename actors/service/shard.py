@@ -57,6 +57,7 @@ class PreparedBatch:
     timers: list[Any] = field(default_factory=list)  # timer changes, in decision order
     counts: dict[str, int] = field(default_factory=dict)  # sends and timers set, cancelled and fired
     stats: dict[str, int] = field(default_factory=dict)  # once committed: the campaign counters it added
+    replayed: list[tuple[str, str]] = field(default_factory=list)  # failed runs replayed (removed with the commit)
 
 
 class ShardCore:
@@ -144,7 +145,7 @@ class ShardCore:
             dirty = eng.take_dirty()
             return PreparedBatch(outcome.results, dirty, eng.snapshot(dirty), outcome.journal, outcome.actions,
                                  outcome.failed, len(outcome.results), outcome.deferred, outcome.earlier,
-                                 outcome.sends, outcome.timers, outcome.counts)
+                                 outcome.sends, outcome.timers, outcome.counts, replayed=outcome.replayed)
         except BaseException:
             self.budgets.rollback(mark)
             raise
@@ -227,7 +228,7 @@ class ShardCore:
         try:
             self.store.commit(self.epochs, batch.snapshots, batch.journal, batch.actions, batch.failed,
                               self.stream_targets, self.webhooks, offsets=offsets, rejected=rejected,
-                              sends=batch.sends, timers=batch.timers)
+                              sends=batch.sends, timers=batch.timers, replayed=batch.replayed)
         except Exception as e:
             self.fenced = self.fenced or isinstance(e, FencedError)
             self.last_commit_error = f"{type(e).__name__}: {e}"

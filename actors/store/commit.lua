@@ -1,13 +1,16 @@
 -- The commit unit of playbus.actors.store.commit: every key group of a micro-batch in one call, each group its
 -- own fenced, deduplicated unit (one group per call on Redis Cluster, where a call must stay in one slot).
 -- One unit = one key group's share of a micro-batch, written by `unit(k, a)`:
--- KEYS from k: epoch, batch, users, journal, input, offset, timers, timer events, stats, then the streams it appends to
+-- KEYS from k: epoch, batch, users, journal, input, offset, timers, timer events, stats, failed runs, then the streams
+--       it appends to
 --       (outbox, failed, rejected, target streams, other groups' input partitions for the events rules sent).
 -- ARGV from a: epoch, batch token, #snapshots, journal entry ("" for none), journal max length, input offset
---       ("" for none), #streams, #timer changes, then user_key/snapshot pairs, then per stream (KEYS index within
+--       ("" for none), #streams, #timer changes, the events the journal entry's runs decided ("" for none: written
+--       as its field "e" beside "d", for backtests), then user_key/snapshot pairs, then per stream (KEYS index within
 --       the unit, 1-based; field; count; values), then the timer changes in order: "S", event id, due ms, event
 --       (set: the sorted set's member and score, the event in the hash) or "D", event id (delete), then
---       #stats and field/increment pairs for the group's counters (HINCRBY).
+--       #stats and field/increment pairs for the group's counters (HINCRBY), then #replayed and the ids of the
+--       failed-runs entries whose replay this batch ran (XDEL: a replay runs once).
 -- A unit returns {"OK"}, {"DUP"} (this batch token was committed already: nothing written),
 -- {"FENCED", current epoch} (the caller is not the owner: nothing written) or {"WRONGTYPE", key, its type}
 -- (a key it would write holds another type: nothing written). Everything that can fail is checked before the
@@ -26,7 +29,8 @@ local function unit(k0, a0)
   if redis.call('GET', KEYS[k0 + 1]) == ARGV[a0 + 1] then return {'DUP'} end
   local nsnap, journal, maxlen = tonumber(ARGV[a0 + 2]), ARGV[a0 + 3], ARGV[a0 + 4]
   local offset, nstream, ntimer = ARGV[a0 + 5], tonumber(ARGV[a0 + 6]), tonumber(ARGV[a0 + 7])
-  local first = a0 + 8
+  local recorded = ARGV[a0 + 8]
+  local first = a0 + 9
   -- Checks: the type of every key the unit writes, walking the arguments without writing.
   local checks = {}
   if nsnap > 0 then checks[#checks + 1] = {KEYS[k0 + 2], 'hash'} end
@@ -40,6 +44,7 @@ local function unit(k0, a0)
     checks[#checks + 1] = {KEYS[k0 + 7], 'hash'}
   end
   checks[#checks + 1] = {KEYS[k0 + 8], 'hash'}
+  checks[#checks + 1] = {KEYS[k0 + 9], 'stream'}
   local a = first + 2 * nsnap
   for _ = 1, nstream do
     checks[#checks + 1] = {KEYS[k0 - 1 + tonumber(ARGV[a])], 'stream'}
@@ -58,7 +63,9 @@ local function unit(k0, a0)
     redis.call('HSET', KEYS[k0 + 2], unpack(ARGV, a, j))
     a = j + 1
   end
-  if journal ~= '' then
+  if journal ~= '' and recorded ~= '' then
+    redis.call('XADD', KEYS[k0 + 3], 'MAXLEN', '~', maxlen, '*', 'd', journal, 'e', recorded)
+  elseif journal ~= '' then
     redis.call('XADD', KEYS[k0 + 3], 'MAXLEN', '~', maxlen, '*', 'd', journal)
   end
   for _ = 1, nstream do
@@ -84,6 +91,9 @@ local function unit(k0, a0)
   for i = a + 1, a + 2 * nstats, 2 do
     redis.call('HINCRBY', KEYS[k0 + 8], ARGV[i], ARGV[i + 1])
   end
+  a = a + 1 + 2 * nstats
+  local nxdel = tonumber(ARGV[a])
+  if nxdel > 0 then redis.call('XDEL', KEYS[k0 + 9], unpack(ARGV, a + 1, a + nxdel)) end
   if offset ~= '' then
     redis.call('SET', KEYS[k0 + 5], offset)
     redis.call('XTRIM', KEYS[k0 + 4], 'MINID', offset)

@@ -5,7 +5,9 @@ Key layout (the key group's hash tag keeps every key of a group in one Redis Clu
     playbus:{kg17}:batch     string  token of the group's last commit (a re-sent commit is a no-op)
     playbus:{kg17}:users     hash    user_key -> snapshot (msgpack bytes, see actors.engine.state)
     playbus:{kg17}:journal   stream  one entry per committed batch: field "d" = msgpack array of its decisions
-                                     (rule runs, see actors.engine.decisions), trimmed to about `journal_maxlen`
+                                     (rule runs, see actors.engine.decisions), and "e" = msgpack array of the
+                                     events those runs decided (EventIn, see store.recorded; absent in entries
+                                     written before it was recorded), trimmed to about `journal_maxlen`
     playbus:{kg17}:in        stream  the group's input partition: field "events" = msgpack array of events
                                      (a record batch), or "event" = one event (JSON or msgpack)
     playbus:{kg17}:offset    string  the last entry of the input partition that a committed batch consumed
@@ -94,7 +96,8 @@ def stat_counts(decisions: Iterable[Any]) -> dict[str, int]:
 class _Unit:
     """What one commit writes to one key group."""
 
-    __slots__ = ("decisions", "failed", "kg", "offset", "outbox", "rejected", "sends", "snaps", "streams", "timers")
+    __slots__ = ("decisions", "failed", "kg", "offset", "outbox", "recorded", "rejected", "replayed", "sends", "snaps",
+                 "streams", "timers")
 
     def __init__(self, kg: int) -> None:
         self.kg = kg
@@ -106,6 +109,8 @@ class _Unit:
         self.streams: dict[str, list[bytes]] = {}
         self.sends: dict[int, list[EventIn]] = {}  # target group -> events rules sent there
         self.timers: list[tuple[Any, ...]] = []  # the timer changes' arguments, in order
+        self.replayed: list[str] = []  # failed-runs entry ids whose replay ran in this batch
+        self.recorded: list[EventIn] = []  # the events its journal entry's runs decided (field "e")
         self.offset = ""
 
 
@@ -275,13 +280,19 @@ class RedisStore:
         rejected: Mapping[int, list[bytes]] | None = None,
         sends: Iterable[tuple[str, EventIn]] = (),
         timers: Iterable[tuple[str, str, str, int, Fired | None]] = (),
+        replayed: Iterable[tuple[str, str]] = (),
+        recorded: Iterable[tuple[str, EventIn]] = (),
     ) -> list[int]:
         """Write one micro-batch: one atomic unit per key group touched, all in one round trip.
 
         `offsets`: per group, the last entry of its input partition this batch consumed (written in the unit);
         `rejected`: per group, invalid input events to add to `playbus:rejected` (field "rejected").
         `sends`: (sender's user key, event) of the events rules made for other users, added to their groups' input
-        partitions by the unit of the sender; `timers`: timer changes in decision order (see engine.TimerOp).
+        partitions by the unit of the sender; `timers`: timer changes in decision order (see engine.TimerOp);
+        `replayed`: (user key, "<group>/<entry id>") of failed runs replayed successfully, removed from the group's
+        failed runs in the same unit; `recorded`: (user key, event) of the events whose rules ran in this batch
+        (store.recorded.ran_rules), written into their group's journal entry (field "e", read back by backtests;
+        ignored for a group whose share has no journal entry).
 
         Each unit checks the group's epoch against `epochs` first and writes nothing when fenced; the
         other groups are committed and FencedError lists the fenced ones. Every unit carries a batch
@@ -340,6 +351,12 @@ class RedisStore:
                 u.timers.append(("S", tid, due, _pack(fired)))
             else:
                 u.timers.append(("D", tid))
+        for ukey, failed_id in replayed:
+            (unit_of.get(ukey) or unit(ukey)).replayed.append(failed_id.partition("/")[2])
+        for ukey, ev in recorded:  # only beside a journal entry: a group with no other write gets no unit for it
+            ru = unit_of.get(ukey) or units.get(key_group(ukey, n))
+            if ru is not None:
+                ru.recorded.append(ev)
         for kg, offset in (offsets or {}).items():
             units.setdefault(kg, _Unit(kg)).offset = offset
         for kg, entries in (rejected or {}).items():
@@ -384,7 +401,7 @@ class RedisStore:
         """KEYS and ARGV of one group's commit unit (see commit.lua)."""
         p = self._prefix[u.kg]
         keys: list[Any] = [p + "epoch", p + "batch", p + "users", p + "journal", p + "in", p + "offset", p + "timers",
-                           p + "timer_events", p + "stats"]
+                           p + "timer_events", p + "stats", p + "failed"]
         body: list[Any] = []
         nstreams = 0
         for key, field, values in ((p + "outbox", "action", u.outbox), (p + "failed", "entry", u.failed),
@@ -402,8 +419,9 @@ class RedisStore:
             body += (len(keys), "events", 1, encode_events(events))
             nstreams += 1
         journal = _pack(u.decisions) if u.decisions else ""
+        recorded = encode_events(u.recorded) if u.recorded and u.decisions else ""
         args: list[Any] = [epoch, batch_id, len(u.snaps) // 2, journal, self.journal_maxlen, u.offset, nstreams,
-                           len(u.timers)]
+                           len(u.timers), recorded]
         args += u.snaps
         args += body
         for op in u.timers:
@@ -413,6 +431,8 @@ class RedisStore:
         for f, n in stats.items():
             args += (f, n)
             totals[f] = totals.get(f, 0) + n
+        args.append(len(u.replayed))
+        args += u.replayed
         return keys, args
 
     def _run(self, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:

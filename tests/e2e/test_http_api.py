@@ -920,3 +920,30 @@ def test_a_canary_runs_for_its_share_of_users_and_the_old_version_rolls_it_back(
     assert script(playbus, "canary_q")["canary"] is None
     actions = [e["action"] for e in playbus.admin("GET", "/v1/audit?limit=2").json()["entries"]]
     assert actions == ["script.activate", "script.canary"]
+
+
+def test_failed_runs_are_listed_and_replayed_once_on_the_fixed_version(playbus: Playbus) -> None:
+    broken = 'function decide(e, ctx) if not e.data.ok then error("no ok") end emit("lottery.grant_chance", ' \
+             '{chances = 1}) end'
+    assert playbus.admin("PUT", "/v1/scripts/flaky", broken).status == 201
+    doc = {"timezone": "UTC", "starts": "2026-01-01T00:00:00+00:00", "ends": "2027-01-01T00:00:00+00:00",
+           "rules": [{"id": "fl", "on": "quiz.answered", "script": "flaky", "emits": ["lottery.grant_chance"]}]}
+    assert playbus.admin("PUT", "/v1/campaigns/replayc", doc).status == 201
+    evs = [{"id": f"rp-{i}", "campaign": "replayc", "user": f"ru{i}", "type": "quiz.answered", "ts": T0}
+           for i in range(4)]
+    assert all(r["errors"] for r in results_of(playbus.post_events(evs)))
+    listed = playbus.admin("GET", "/v1/failed?campaign=replayc&rule=fl").json()["failed"]
+    assert sorted(r["event"]["id"] for r in listed) == [f"rp-{i}" for i in range(4)]
+    assert {r["error"] for r in listed} == {"flaky:1: no ok"}
+    fixed = broken.replace("if not e.data.ok then error(\"no ok\") end ", "")
+    assert playbus.admin("PUT", "/v1/scripts/flaky", fixed).status == 201
+    assert playbus.admin("POST", "/v1/scripts/flaky/activate", {"version": 2}).status == 200
+    got = playbus.admin("POST", "/v1/failed/replay", {"campaign": "replayc", "rule": "fl"}).json()
+    assert (got["found"], got["replayed"], got["failed_again"]) == (4, 4, 0), got
+    assert sorted(a["user"] for a in got["actions"]) == [f"ru{i}" for i in range(4)]
+    assert {a["script_version"] for a in got["actions"]} == {2}
+    again = playbus.admin("POST", "/v1/failed/replay", {"campaign": "replayc"}).json()
+    assert (again["found"], again["actions"]) == (0, [])
+    assert playbus.admin("GET", "/v1/failed?campaign=replayc").json()["failed"] == []
+    granted = [a for a in lottery_actions(playbus) if a["campaign"] == "replayc"]
+    assert len(granted) == 4 and len({a["id"] for a in granted}) == 4
