@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
+from playbus.admin_backtest import add_backtest_args, run_backtest
 from playbus.errors import CliError
 
 __all__ = ["add_connection_args", "add_scripts_parser", "call_admin", "run_scripts_command"]
@@ -40,6 +41,7 @@ def add_scripts_parser(sub: Any) -> None:
     ops.add_parser("list", help="list scripts")
     sh = ops.add_parser("show", help="versions, active version and source of a script")
     sh.add_argument("name")
+    add_backtest_args(ops)
     d = ops.add_parser("dry-run", help="run events through a script version without any side effect")
     d.add_argument("name")
     d.add_argument("--events", required=True, help="events, one JSON object per line")
@@ -73,6 +75,8 @@ def _read(path: str) -> str:
 
 
 def run_scripts_command(args: argparse.Namespace, out: TextIO) -> int:
+    if args.op == "backtest":
+        return run_backtest(args, out)
     if args.op == "push":
         name = args.name or Path(args.file).stem
         res = call_admin(args, "PUT", f"/v1/scripts/{name}", _read(args.file).encode(), "text/plain")

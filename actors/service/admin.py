@@ -24,6 +24,7 @@ import msgpack
 from playbus.actors.engine.engine import ShardEngine
 from playbus.actors.engine.local import LocalRun
 from playbus.actors.engine.vectors import VectorError, load_vectors, vector_failures
+from playbus.actors.service.admin_backtest import BacktestAdmin
 from playbus.actors.service.admin_campaigns import CampaignAdmin
 from playbus.actors.service.admin_dead import DeadLetterAdmin
 from playbus.actors.service.admin_failed import FailedRunsAdmin
@@ -42,7 +43,7 @@ MAX_SCRIPT = 256 * 1024
 MAX_MADE = 10_000  # events a dry run's rules may make (sends, timers fired) before it is refused
 _LABEL = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 ShardCall = Callable[[int, str, Sequence[Any]], Awaitable[Any]]
-_SCRIPT = re.compile(r"^/v1/scripts/([A-Za-z0-9_][A-Za-z0-9_\-]*)(?:/(activate|dry-run))?$")
+_SCRIPT = re.compile(r"^/v1/scripts/([A-Za-z0-9_][A-Za-z0-9_\-]*)(?:/(activate|dry-run|backtest))?$")
 
 
 def admin_tokens(environ: Mapping[str, str]) -> dict[str, str]:
@@ -77,6 +78,7 @@ class AdminApi:
         self.campaigns = campaigns
         self.dead = DeadLetterAdmin(DeadLetters(audit.client), audit)
         self.failed = FailedRunsAdmin(config, audit.client, call_shard, audit, self._active_version)
+        self.backtests = BacktestAdmin(config, audit.client, catalog, campaigns.running)
         self.checker = Sandbox(config.sandbox.max_instructions, config.sandbox.max_memory_kb)  # compiles pushes
         # The scripts' test vectors (NAME.test.yaml beside the config's scripts): a push that fails them is refused.
         try:
@@ -155,6 +157,8 @@ class AdminApi:
                                "source": s["versions"].get(s["active"], ""), "canary": s["canary"]})
         if op == "activate" and method == "POST":
             return await self.activate(name, body, who)
+        if op == "backtest" and method == "POST":
+            return await self.backtests.backtest(name, body, who)
         if op == "dry-run" and method == "POST":
             return self.dry_run(name, body)
         return error(405, f"{method} is not allowed on {path}")

@@ -29,6 +29,7 @@ from playbus.actors.store.durability import check_server
 from playbus.actors.store.errors import FencedError
 from playbus.actors.store.layout import check_layout
 from playbus.actors.store.leases import LeasedBudgets
+from playbus.actors.store.recorded import ran_rules
 from playbus.config.errors import ConfigError
 from playbus.config.loader import parse_campaign, with_campaigns
 from playbus.config.schema import Config, campaign_document
@@ -58,6 +59,7 @@ class PreparedBatch:
     counts: dict[str, int] = field(default_factory=dict)  # sends and timers set, cancelled and fired
     stats: dict[str, int] = field(default_factory=dict)  # once committed: the campaign counters it added
     replayed: list[tuple[str, str]] = field(default_factory=list)  # failed runs replayed (removed with the commit)
+    recorded: list[Any] = field(default_factory=list)  # (user key, event) whose rules ran: kept for backtests
 
 
 class ShardCore:
@@ -145,7 +147,8 @@ class ShardCore:
             dirty = eng.take_dirty()
             return PreparedBatch(outcome.results, dirty, eng.snapshot(dirty), outcome.journal, outcome.actions,
                                  outcome.failed, len(outcome.results), outcome.deferred, outcome.earlier,
-                                 outcome.sends, outcome.timers, outcome.counts, replayed=outcome.replayed)
+                                 outcome.sends, outcome.timers, outcome.counts, replayed=outcome.replayed,
+                                 recorded=ran_rules(events, outcome.journal))
         except BaseException:
             self.budgets.rollback(mark)
             raise
@@ -228,7 +231,8 @@ class ShardCore:
         try:
             self.store.commit(self.epochs, batch.snapshots, batch.journal, batch.actions, batch.failed,
                               self.stream_targets, self.webhooks, offsets=offsets, rejected=rejected,
-                              sends=batch.sends, timers=batch.timers, replayed=batch.replayed)
+                              sends=batch.sends, timers=batch.timers, replayed=batch.replayed,
+                              recorded=batch.recorded)
         except Exception as e:
             self.fenced = self.fenced or isinstance(e, FencedError)
             self.last_commit_error = f"{type(e).__name__}: {e}"

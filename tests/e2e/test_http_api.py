@@ -947,3 +947,21 @@ def test_failed_runs_are_listed_and_replayed_once_on_the_fixed_version(playbus: 
     assert playbus.admin("GET", "/v1/failed?campaign=replayc").json()["failed"] == []
     granted = [a for a in lottery_actions(playbus) if a["campaign"] == "replayc"]
     assert len(granted) == 4 and len({a["id"] for a in granted}) == 4
+
+
+def test_a_backtest_compares_a_candidate_on_recorded_traffic_and_changes_nothing(playbus: Playbus) -> None:
+    users = [f"u-bt-{i}" for i in range(20)]
+    results_of(playbus.post_events([event(f"bt-{u}", u) for u in users]))
+    before = (_lottery_len(playbus), script(playbus, "first_quiz"), playbus.context(users[0]))
+    greedy = "function decide(event, ctx)\n  local n = ctx:incr(\"quiz.answered\", 1)\n" \
+             "  if n == 1 then emit(\"lottery.grant_chance\", {chances = 5}) end\nend\n"
+    r = playbus.admin("POST", "/v1/scripts/first_quiz/backtest",
+                      {"candidate": {"source": greedy}, "recorded": {"last": 20, "campaign": CAMPAIGN}})
+    assert r.status == 200, r.body
+    got = r.json()
+    assert got["events"] == 20 and got["changed"] == 20, got
+    assert got["grants"]["added"] == {"lottery.grant_chance": 20} == got["grants"]["removed"]
+    assert got["budgets"]["chances"] > 0 and got["examples"]
+    assert (_lottery_len(playbus), script(playbus, "first_quiz"), playbus.context(users[0])) == before
+    bad = playbus.admin("POST", "/v1/scripts/first_quiz/backtest", {"candidate": {"version": 99}, "events": []})
+    assert bad.status in (404, 422), bad.body
