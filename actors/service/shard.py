@@ -8,6 +8,7 @@ only then answer. A failed commit forgets the batch's users, so the next attempt
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -75,6 +76,7 @@ class ShardCore:
         self.catalog = ScriptCatalog(self.client)
         deploy_scripts(self.catalog, config)  # a changed rule file becomes the active version
         self.generation = self.catalog.generation()
+        self._changes = threading.RLock()  # engine changes from the admin (actor) and the prefetch thread
         self.campaign_state = CampaignState(self.client)
         # The running configuration is Redis's: the file's campaigns deployed (an edited one replaces the running
         # one), and those created through the admin API.
@@ -105,10 +107,12 @@ class ShardCore:
 
     # -- scripts -----------------------------------------------------------------------------------
     def put_script(self, name: str, source: str, version: int) -> None:
-        self.engine.put_script(name, source, version)
+        with self._changes:
+            self.engine.put_script(name, source, version)
 
     def activate(self, name: str, version: int, percent: float = 100) -> None:
-        self.engine.activate(name, version, percent)
+        with self._changes:
+            self.engine.activate(name, version, percent)
 
     # -- the micro-batch ---------------------------------------------------------------------------
     def process(self, events: list[Any], now_ms: int | None = None) -> list[dict[str, Any]]:
@@ -179,7 +183,13 @@ class ShardCore:
 
     def reconcile(self) -> bool:
         """Load what changed in the catalog and in the campaigns' state (paused, budget top-ups) since the last
-        look (one round trip when nothing did); True if anything did."""
+        look (one round trip when nothing did); True if anything did. Serialized (it runs from the batcher's
+        prefetch thread and from the actor when an admin change is pushed): a look that read an older state
+        cannot undo a newer one, since the generations are read before the state they stand for."""
+        with self._changes:
+            return self._reconcile()
+
+    def _reconcile(self) -> bool:
         pipe = self.client.pipeline(transaction=False)
         pipe.get(CATALOG_GENERATION)
         pipe.get(CAMPAIGNS_GENERATION)

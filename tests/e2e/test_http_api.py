@@ -965,3 +965,77 @@ def test_a_backtest_compares_a_candidate_on_recorded_traffic_and_changes_nothing
     assert (_lottery_len(playbus), script(playbus, "first_quiz"), playbus.context(users[0])) == before
     bad = playbus.admin("POST", "/v1/scripts/first_quiz/backtest", {"candidate": {"version": 99}, "events": []})
     assert bad.status in (404, 422), bad.body
+
+
+def test_no_event_fails_or_is_lost_while_a_campaign_is_replaced_paused_and_resumed(playbus: Playbus) -> None:
+    """Changes while traffic flows: every event answered applied, and a request sent after a change's call
+    returned and answered before the next change began is decided by that change."""
+    base = {"timezone": "UTC", "starts": "2026-01-01T00:00:00+00:00", "ends": "2027-01-01T00:00:00+00:00",
+            "rules": [{"id": "lq", "on": "quiz.answered", "script": "first_quiz", "emits": ["lottery.grant_chance"]}]}
+    assert playbus.admin("PUT", "/v1/campaigns/busy", base).status == 201
+    capped = {**base, "caps": [{"id": "zero", "action": "lottery.grant_chance", "per_user": 0, "period": "day"}]}
+    records: list[tuple[float, float, list[dict[str, Any]], int, Any]] = []
+    marks: dict[str, float] = {}
+    starts: dict[str, float] = {}
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        async with aiohttp.ClientSession(playbus.url) as session:
+
+            async def produce(k: int) -> None:
+                n = 0
+                while not stop.is_set():
+                    evs = [{"id": f"busy-{k}-{n + i}", "campaign": "busy", "user": f"u-busy-{k}-{n + i}",
+                            "type": "quiz.answered", "ts": T0} for i in range(20)]
+                    n += 20
+                    t_sent = loop.time()
+                    async with session.post("/v1/events", json=evs) as resp:
+                        body = await resp.read()
+                    records.append((t_sent, loop.time(), evs, resp.status, body))
+                    await asyncio.sleep(0.02)
+
+            async def change(name: str, method: str, path: str, doc: Any = None) -> None:
+                starts[name] = loop.time()
+                async with session.request(method, path, json=doc, headers=ADMIN) as r:
+                    assert r.status in (200, 201), (name, r.status, await r.read())
+                marks[name] = loop.time()
+                await asyncio.sleep(0.7)
+
+            tasks = [asyncio.create_task(produce(k)) for k in range(2)]
+            try:
+                await asyncio.sleep(0.7)
+                await change("capped", "PUT", "/v1/campaigns/busy", capped)
+                await change("paused", "POST", "/v1/campaigns/busy/pause")
+                await change("resumed", "POST", "/v1/campaigns/busy/resume")
+                await change("uncapped", "PUT", "/v1/campaigns/busy", base)
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks)
+
+    asyncio.run(run())
+    phases = {"capped": "refused", "paused": "no run", "resumed": "refused", "uncapped": "granted"}
+    seen: Counter[str] = Counter()
+    order = list(phases)
+    for t_sent, t_done, evs, status, body in records:
+        assert status == 200, (status, body[:300])
+        results = json.loads(body)["results"]
+        assert [(r["id"], r["status"]) for r in results] == [(e["id"], "applied") for e in evs]
+        after = [name for name in order if marks[name] <= t_sent]
+        if not after:
+            continue  # sent before the first change
+        nxt = order.index(after[-1]) + 1
+        if nxt < len(order) and t_done > starts[order[nxt]]:
+            continue  # in flight while the next change was made: either may decide it
+        want = phases[after[-1]]
+        for r in results:
+            got = "granted" if r["actions"] else "refused" if playbus_decided(playbus, r["id"]) else "no run"
+            assert got == want, (r["id"], after[-1], got, round(t_sent - marks[after[-1]], 3))
+            seen[got] += 1
+    assert set(seen) == {"refused", "no run", "granted"}, seen
+
+
+def playbus_decided(playbus: Playbus, eid: str) -> bool:
+    """Whether a rule ran on the event (busy campaign): its user has a decision for it."""
+    user = "u-busy-" + eid.removeprefix("busy-")
+    return any(d["event"] == eid for d in playbus.decisions(user, campaign="busy"))
