@@ -25,7 +25,7 @@ TWO_CHANCES = FIRST_QUIZ.replace("chances = 1", "chances = 2")
 def test_the_first_start_makes_the_file_version_1(clean_redis: Any, tmp_path: Path) -> None:
     catalog = ScriptCatalog(clean_redis)
     assert catalog.deploy("quiz", FIRST_QUIZ) == (True, 1)
-    assert catalog.get("quiz") == {"name": "quiz", "active": 1, "versions": {1: FIRST_QUIZ}}
+    assert catalog.get("quiz") == {"name": "quiz", "active": 1, "versions": {1: FIRST_QUIZ}, "canary": None}
     assert catalog.deploy("quiz", FIRST_QUIZ) == (False, 1)  # a restart with the same file changes nothing
 
 
@@ -155,7 +155,8 @@ def test_scripts_of_playbus_0_1_are_carried_over_once(clean_redis: Any) -> None:
     clean_redis.hset("playbus:script:quiz", mapping={"v:1": FIRST_QUIZ, "v:2": TWO_CHANCES, "next": 2, "active": 2})
     catalog = ScriptCatalog(clean_redis)
     assert catalog.migrate_legacy() == ["quiz"] and catalog.migrate_legacy() == []
-    assert catalog.get("quiz") == {"name": "quiz", "active": 2, "versions": {1: FIRST_QUIZ, 2: TWO_CHANCES}}
+    assert catalog.get("quiz") == {"name": "quiz", "active": 2, "versions": {1: FIRST_QUIZ, 2: TWO_CHANCES},
+                                     "canary": None}
     assert catalog.deploy("quiz", FIRST_QUIZ) == (False, 2)  # the operators' version 2 stays active
 
 
