@@ -25,15 +25,9 @@ from playbus.actors.store.server import RedisServer
 from playbus.config.loader import with_campaigns
 from playbus.config.schema import Config
 from tests.support.configs import make_config
+from tests.unit.test_backtest import V1, V2
 
 # The active version grants a chance on every second answer; the candidate on every answer. Cap: 3 a day.
-V1 = """
-function decide(e, ctx)
-  local n = ctx:incr("n", 1)
-  if n % 2 == 0 then emit("lottery.grant_chance", {chances = 1}) end
-end
-"""
-V2 = V1.replace("n % 2 == 0", "true")
 USERS = [f"u{i}" for i in range(10)]
 
 
