@@ -61,10 +61,29 @@ def call_admin(args: argparse.Namespace, method: str, path: str, body: bytes | N
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
-        detail = e.read().decode("utf-8", "replace")
-        raise CliError(f"{method} {path}: HTTP {e.code}: {detail}") from None
+        raise CliError(f"{method} {path}: HTTP {e.code}: {_readable(e.read())}") from None
     except (urllib.error.URLError, OSError) as e:
         raise CliError(f"cannot reach playbus at {args.url}: {getattr(e, 'reason', e)}") from None
+
+
+def _readable(body: bytes) -> str:
+    """An error answer as an operator reads it: its message, the field or line it names, and each failure (a
+    refused push's test vectors) on lines of their own; the body as it is when it is not such JSON."""
+    text = body.decode("utf-8", "replace")
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(doc, dict) or not isinstance(doc.get("error"), str):
+        return text
+    out = str(doc["error"])
+    if doc.get("field"):
+        out += f" (field {doc['field']})"
+    if doc.get("line"):
+        out += f" (line {doc['line']})"
+    for failure in doc.get("failures") or ():
+        out += "\n" + str(failure)
+    return out
 
 
 def _read(path: str) -> str:
