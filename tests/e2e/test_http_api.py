@@ -12,6 +12,7 @@ import http.client
 import json
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -519,29 +520,39 @@ def test_activate_switches_every_shard_within_1s(playbus: Playbus, first_quiz_v2
         assert playbus.context(u) == {"quiz.answered": 2, "quiz.script": "v2"}
 
 
+Record = tuple[float, float, list[dict[str, Any]], int, Any]  # sent, answered, events, status, body
+
+
+async def produce(session: aiohttp.ClientSession, stop: asyncio.Event, records: list[Record],
+                  batch_of: Callable[[int], list[dict[str, Any]]], size: int = 20) -> None:
+    """A producer posting `size` events a request (batch_of(n): the events from the n-th on) until `stop`,
+    recording each request."""
+    loop = asyncio.get_running_loop()
+    n = 0
+    while not stop.is_set():
+        evs = batch_of(n)
+        n += size
+        t_sent = loop.time()
+        async with session.post("/v1/events", json=evs) as resp:
+            body = await resp.read()
+        records.append((t_sent, loop.time(), evs, resp.status, body))
+        await asyncio.sleep(0.02)
+
+
 def test_no_event_fails_or_is_lost_while_activating(playbus: Playbus, first_quiz_v2: Reply) -> None:
     producers, users_per_producer, batch = 2, 40, 20
-    records: list[tuple[float, float, list[dict[str, Any]], int, Any]] = []
+    records: list[Record] = []
     marks: dict[str, float] = {}
+
+    def swaps(k: int) -> Callable[[int], list[dict[str, Any]]]:
+        return lambda n: [event(f"swap-{k}-{n + i}", f"u-swap-{k}-{(n + i) % users_per_producer}")
+                          for i in range(batch)]
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         async with aiohttp.ClientSession(playbus.url) as session:
-
-            async def produce(k: int) -> None:
-                n = 0
-                while not stop.is_set():
-                    evs = [event(f"swap-{k}-{n + i}", f"u-swap-{k}-{(n + i) % users_per_producer}")
-                           for i in range(batch)]
-                    n += batch
-                    t_sent = loop.time()
-                    async with session.post("/v1/events", json=evs) as resp:
-                        body = await resp.read()
-                    records.append((t_sent, loop.time(), evs, resp.status, body))
-                    await asyncio.sleep(0.02)
-
-            tasks = [asyncio.create_task(produce(k)) for k in range(producers)]
+            tasks = [asyncio.create_task(produce(session, stop, records, swaps(k), batch)) for k in range(producers)]
             try:
                 await asyncio.sleep(1.0)
                 marks["sent"] = loop.time()
@@ -974,26 +985,18 @@ def test_no_event_fails_or_is_lost_while_a_campaign_is_replaced_paused_and_resum
             "rules": [{"id": "lq", "on": "quiz.answered", "script": "first_quiz", "emits": ["lottery.grant_chance"]}]}
     assert playbus.admin("PUT", "/v1/campaigns/busy", base).status == 201
     capped = {**base, "caps": [{"id": "zero", "action": "lottery.grant_chance", "per_user": 0, "period": "day"}]}
-    records: list[tuple[float, float, list[dict[str, Any]], int, Any]] = []
+    records: list[Record] = []
     marks: dict[str, float] = {}
     starts: dict[str, float] = {}
+
+    def busy(k: int) -> Callable[[int], list[dict[str, Any]]]:
+        return lambda n: [{"id": f"busy-{k}-{n + i}", "campaign": "busy", "user": f"u-busy-{k}-{n + i}",
+                           "type": "quiz.answered", "ts": T0} for i in range(20)]
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         async with aiohttp.ClientSession(playbus.url) as session:
-
-            async def produce(k: int) -> None:
-                n = 0
-                while not stop.is_set():
-                    evs = [{"id": f"busy-{k}-{n + i}", "campaign": "busy", "user": f"u-busy-{k}-{n + i}",
-                            "type": "quiz.answered", "ts": T0} for i in range(20)]
-                    n += 20
-                    t_sent = loop.time()
-                    async with session.post("/v1/events", json=evs) as resp:
-                        body = await resp.read()
-                    records.append((t_sent, loop.time(), evs, resp.status, body))
-                    await asyncio.sleep(0.02)
 
             async def change(name: str, method: str, path: str, doc: Any = None) -> None:
                 starts[name] = loop.time()
@@ -1002,7 +1005,7 @@ def test_no_event_fails_or_is_lost_while_a_campaign_is_replaced_paused_and_resum
                 marks[name] = loop.time()
                 await asyncio.sleep(0.7)
 
-            tasks = [asyncio.create_task(produce(k)) for k in range(2)]
+            tasks = [asyncio.create_task(produce(session, stop, records, busy(k))) for k in range(2)]
             try:
                 await asyncio.sleep(0.7)
                 await change("capped", "PUT", "/v1/campaigns/busy", capped)
