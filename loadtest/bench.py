@@ -181,6 +181,12 @@ def render_table(res: dict[str, Any]) -> str:
                          f"{pz['call_ms']['max']:.0f}) |")
             lines.append(f"| replaying failed runs (补单) | {rp['runs']:,} runs | {rp['runs_per_s']:,.0f} runs/s | | | "
                          f"| {rp['seconds']:.1f} s |")
+        for row in cl.get("scaling", ()):
+            cpu = row["cpu_us_per_event"]
+            lines.append(f"| partitioned stream, {row['shards']} shard{'s' if row['shards'] > 1 else ''} | batches of "
+                         f"500, a cluster of its own | {row['events_per_s']:,.0f} | | | | CPU us/event: shards "
+                         f"{cpu.get('shards', 0):.1f}, redis {cpu.get('redis', 0):.1f}, driver "
+                         f"{cpu.get('driver', 0):.1f} |")
     lines += ["", "![throughput against batch size](loadtest/results/throughput_vs_batch.png)",
               "![ratio to the baseline](loadtest/results/ratios.png)", "![latency](loadtest/results/latency.png)"]
     return "\n".join(lines) + "\n"

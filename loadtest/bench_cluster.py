@@ -41,7 +41,7 @@ from typing import Any
 
 import msgpack
 
-from playbus.loadtest import bench_linkage, bench_ops
+from playbus.loadtest import bench_linkage, bench_ops, bench_scaling
 from playbus.loadtest.bench_engine import FIRST_QUIZ, T0, TEN_KEYS  # T0: 2026-01-21, in the campaign
 from playbus.loadtest.cpu import CpuMeter
 from playbus.loadtest.stats import percentile
@@ -487,6 +487,8 @@ def run(quick: bool = False, users: int = 10_000, rounds: int = 3, memory_users:
         rec = out["recovery"] = b.recovery(0)
         progress(f"  recovery   shard 0 reloads {rec['users']:,} users from Redis in {rec['seconds']:.1f} s "
                  f"({rec['users_per_s']:,.0f} users/s)")
+    progress("  scaling: the stream path with 1, 2 and 4 shards, each a cluster of its own ...")
+    out["scaling"] = bench_scaling.run(20_000 if quick else 60_000, progress)
     progress("  the same 404 through Serve's proxy (run_cluster --serve-proxy): a second cluster ...")
     with tempfile.TemporaryDirectory(prefix="playbus-bench-proxy-") as d, \
             ClusterBench(Path(d), users=users, progress=progress, serve_proxy=True, warm=False) as b:
