@@ -236,7 +236,9 @@ class _UserActivityActor:
         self.firer.lateness_ms.clear()
 
     async def close(self) -> None:
-        """Stop reading and firing, let queued batches commit, give budget leases back."""
+        """Stop reading and firing (for good: nothing starts them again), let queued batches commit, give budget
+        leases back."""
+        self._exiting = True
         if self._reader_stop is not None:
             self._reader_stop.set()
             for name, task in (("partition reader", self._reader_task), ("timer firer", self._firer_task)):
@@ -246,6 +248,11 @@ class _UserActivityActor:
                     await asyncio.wait_for(task, 30)
                 except Exception as e:  # noqa: BLE001 - a reader that died or hangs must not keep the batches back
                     log.warning("shard %d: the %s did not stop cleanly: %r", self.core.shard, name, e)
+            for client in (self.reader, self.firer):
+                try:
+                    await client.close()
+                except Exception as e:  # noqa: BLE001 - closing a connection must not fail the shard's close
+                    log.warning("shard %d: closing a Redis client: %r", self.core.shard, e)
         await self.batcher.drain()
         self.core.close()
 

@@ -77,7 +77,7 @@ class AdminApi:
         self.audit = audit
         self.campaigns = campaigns
         self.dead = DeadLetterAdmin(DeadLetters(audit.client), audit)
-        self.failed = FailedRunsAdmin(config, audit.client, call_shard, audit, self._active_version)
+        self.failed = FailedRunsAdmin(config, audit.client, call_shard, audit, self._active_versions)
         self.backtests = BacktestAdmin(config, audit.client, catalog, campaigns.running)
         self.checker = Sandbox(config.sandbox.max_instructions, config.sandbox.max_memory_kb)  # compiles pushes
         # The scripts' test vectors (NAME.test.yaml beside the config's scripts): a push that fails them is refused.
@@ -90,15 +90,11 @@ class AdminApi:
         else:
             self.vector_error = ""
 
-    def _active_version(self, campaign: str, rule: str) -> int:
-        """The active version of the script a campaign's rule runs (0 when unknown)."""
-        for c in self.campaigns.running().campaigns:
-            if c.id == campaign:
-                for r in c.rules:
-                    if r.id == rule:
-                        s = self.catalog.get(r.script_name)
-                        return int(s["active"]) if s else 0
-        return 0
+    def _active_versions(self) -> dict[tuple[str, str], int]:
+        """(campaign, rule) -> the active version of the script the rule runs, from one read of the catalog."""
+        active = {s["name"]: int(s["active"]) for s in self.catalog.all()}
+        return {(c.id, r.id): active.get(r.script_name, 0) for c in self.campaigns.running().campaigns
+                for r in c.rules}
 
     def who(self, headers: dict[str, str]) -> str | Response:
         """The label of the admin token the request carries, else the 401 to answer."""

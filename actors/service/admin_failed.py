@@ -42,10 +42,10 @@ def replay_id(failed_id: str, version: int) -> str:
 
 class FailedRunsAdmin:
     def __init__(self, config: Config, client: redis.Redis, call_shard: ShardCall, audit: AuditLog,
-                 version_of: Callable[[str, str], int]) -> None:
-        """`version_of(campaign, rule)`: the active version of the rule's script (a replay runs on it)."""
+                 versions: Callable[[], dict[tuple[str, str], int]]) -> None:
+        """`versions()`: (campaign, rule) -> the active version of the rule's script (a replay runs on it)."""
         self.config = config
-        self.version_of = version_of
+        self.versions = versions
         self.failed = FailedRuns(client, config.key_groups)
         self.call_shard = call_shard
         self.audit = audit
@@ -81,12 +81,8 @@ class FailedRunsAdmin:
             return error(400, "rule must be a string")
         runs = await asyncio.to_thread(self.failed.list, req["campaign"], rule, MAX_REPLAY)
         runs.reverse()  # oldest first: a user's replays keep the order its events had
-        versions: dict[tuple[str, str], int] = {}
-        for r in runs:
-            key = (r["event"]["campaign"], r["rule"])
-            if key not in versions:
-                versions[key] = self.version_of(*key)
-        events = [_replay_event(r, versions[(r["event"]["campaign"], r["rule"])]) for r in runs]
+        versions = await asyncio.to_thread(self.versions)
+        events = [_replay_event(r, versions.get((r["event"]["campaign"], r["rule"]), 0)) for r in runs]
         results: list[dict[str, Any]] = []
         by_shard: dict[int, list[Replay]] = {}
         for ev in events:

@@ -24,7 +24,8 @@ from redis.exceptions import RedisError
 
 from playbus.actors.engine.events import Fired
 from playbus.actors.engine.keys import group_prefix
-from playbus.actors.service.partition_reader import is_transient
+from playbus.actors.service.partition_reader import is_transient, rejection
+from playbus.actors.store.commit import REJECTED_STREAM
 from playbus.actors.store.scripts import lua
 
 __all__ = ["TimerFirer"]
@@ -71,11 +72,11 @@ class TimerFirer:
                         log.warning("timer firer: redis unavailable (%s); retrying", e)
                         await _sleep_unless(stop, 0.5)
                         continue
-                    for kg, blobs in zip(idle, due, strict=True):
-                        if not blobs:
+                    for kg, timers in zip(idle, due, strict=True):
+                        if not timers:
                             continue
-                        full = full or len(blobs) >= self.chunk
-                        task = asyncio.get_running_loop().create_task(self._fire(kg, blobs))
+                        full = full or len(timers) >= 2 * self.chunk  # id, event pairs
+                        task = asyncio.get_running_loop().create_task(self._fire(kg, timers))
                         inflight[kg] = task
                         task.add_done_callback(_forget(inflight, kg))
                 if not full:  # more are due right now: poll again as soon as a group is free
@@ -93,18 +94,19 @@ class TimerFirer:
         got: Any = await self._script(keys=keys, args=[now_ms, self.chunk])
         return list(got)
 
-    async def _fire(self, kg: int, blobs: list[bytes]) -> None:
-        """Submit one group's due timers; never raises (what did not commit is read again at the next poll)."""
+    async def _fire(self, kg: int, due: list[bytes]) -> None:
+        """Submit one group's due timers (`due`: id, event, id, event, ...); never raises (what did not commit is
+        read again at the next poll)."""
         events: list[Fired] = []
-        for b in blobs:
+        unreadable: list[tuple[bytes, bytes, str]] = []
+        for tid, blob in zip(due[::2], due[1::2], strict=True):
             try:
-                events.append(_decode(b))
+                events.append(_decode(blob))
             except (msgspec.ValidationError, msgspec.DecodeError) as e:
-                self.stats["unreadable"] += 1
-                self.last_error = f"group {kg}: unreadable timer event: {e}"
-                log.error("timer firer: group %d holds an unreadable timer event (%s); skipped", kg, e)
+                unreadable.append((tid, blob, str(e)))
+        if unreadable:
+            await self._drop(kg, unreadable)
         if not events:
-            await asyncio.sleep(self.poll_s)
             return
         try:
             results = await self.submit(events)
@@ -126,6 +128,25 @@ class TimerFirer:
         self.lateness_ms.extend(late)
         if late and self.on_fired is not None:
             self.on_fired(late)
+
+    async def _drop(self, kg: int, unreadable: list[tuple[bytes, bytes, str]]) -> None:
+        """Move timers whose event cannot be read (a hand-edited Redis; no commit writes such) to
+        `playbus:rejected`: they could never fire, and would hold the group's other due timers back."""
+        zset, events = self._keys[kg]
+        pipe = self.client.pipeline(transaction=True)
+        for tid, blob, why in unreadable:
+            pipe.xadd(REJECTED_STREAM, {"rejected": rejection(tid.decode("utf-8", "replace"), kg, blob,
+                                                              f"timer event cannot be read: {why}")})
+            pipe.zrem(zset, tid)
+            pipe.hdel(events, tid)
+        try:
+            await pipe.execute()
+        except (OSError, RedisError) as e:  # read again at the next poll
+            self.last_error = f"{type(e).__name__}: {e}"
+            return
+        self.stats["unreadable"] += len(unreadable)
+        self.last_error = f"group {kg}: {len(unreadable)} unreadable timer events moved to {REJECTED_STREAM}"
+        log.error("timer firer: %s", self.last_error)
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -74,7 +74,7 @@ def test_replay_runs_each_failed_rule_once_on_the_active_version(clean_redis: An
         return core.process(args[0])
 
     admin = FailedRunsAdmin(config, clean_redis, call_shard, AuditLog(clean_redis),
-                            lambda campaign, rule: core.engine.scripts.active("reward")[0])
+                            lambda: {("c1", "reward"): core.engine.scripts.active("reward")[0]})
 
     def replay() -> tuple[int, dict[str, Any]]:
         status, _, body = asyncio.run(admin.handle("POST", "/v1/failed/replay", "", "ops",
@@ -125,7 +125,7 @@ def test_the_failed_runs_listing_answers_its_filters_and_bad_input(clean_redis: 
     async def no_shard(shard: int, method: str, args: Any) -> Any:
         raise AssertionError("listing calls no shard")
 
-    admin = FailedRunsAdmin(config, clean_redis, no_shard, AuditLog(clean_redis), lambda c, r: 1)
+    admin = FailedRunsAdmin(config, clean_redis, no_shard, AuditLog(clean_redis), lambda: {("c1", "reward"): 1})
 
     def call(method: str, path: str, query: str = "", body: bytes = b"") -> tuple[int, Any]:
         status, _, out = asyncio.run(admin.handle(method, path, query, "ops", body))

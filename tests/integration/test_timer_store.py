@@ -4,6 +4,7 @@ a real ShardCore, its repair of an orphan entry, and a timers key of the wrong t
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,11 @@ def test_the_firer_fires_due_timers_once_through_the_shard_and_skips_replaced_on
     core.process([ev("far", "u1", "timer.arm", now, delay=3_600_000, n=9)])  # not due
     zsets = [group_prefix(kg) + "timers" for kg in range(KG)]
     assert sum(clean_redis.zcard(z) for z in zsets) == len(users) + 1
-    # An orphan (a timer without its event, as a hand-edited Redis could leave) is removed, not fired.
+    # An orphan (a timer without its event, as a hand-edited Redis could leave) is removed, not fired; an event
+    # that cannot be read is moved to playbus:rejected (neither holds the group's other timers back).
     clean_redis.zadd(zsets[0], {b"t-orphan": now - 10_000})
+    clean_redis.zadd(zsets[1], {b"t-garbled": now - 10_000})
+    clean_redis.hset(group_prefix(1) + "timer_events", b"t-garbled", b"\xc1 not msgpack")
     submitted: list[list[str]] = []
 
     async def submit(events: list[Any]) -> list[dict[str, Any]]:
@@ -97,7 +101,10 @@ def test_the_firer_fires_due_timers_once_through_the_shard_and_skips_replaced_on
     ids = [i for chunk in submitted for i in chunk]
     assert len(ids) == len(set(ids)) == len(users), "a timer was submitted twice"
     assert all(len(chunk) <= 7 for chunk in submitted)
-    assert firer.stats["fired"] == len(users) and firer.stats["stale"] == 0
+    assert firer.stats["fired"] == len(users) and firer.stats["stale"] == 0 and firer.stats["unreadable"] == 1
+    [(_, rec)] = clean_redis.xrange("playbus:rejected")
+    doc = json.loads(rec[b"rejected"])
+    assert (doc["entry"], doc["partition"]) == ("t-garbled", 1) and "timer event cannot be read" in doc["reason"]
     assert sum(clean_redis.zcard(z) for z in zsets) == 1  # the one not due; the orphan is gone
     assert sum(clean_redis.hlen(group_prefix(kg) + "timer_events") for kg in range(KG)) == 1
     assert max(firer.lateness_ms) >= 3000  # these were due seconds before the firer started
