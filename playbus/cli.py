@@ -18,6 +18,7 @@ from playbus.admin import add_scripts_parser, run_scripts_command
 from playbus.admin_campaigns import add_audit_parser, add_campaigns_parser, run_audit_command, run_campaigns_command
 from playbus.admin_dead import add_dead_parser, run_dead_command
 from playbus.admin_failed import add_failed_parser, run_failed_command
+from playbus.admin_shards import add_shards_parser, run_shards_command
 from playbus.config.errors import ConfigError
 from playbus.config.loader import default_config_path, load_config
 from playbus.errors import CliError
@@ -159,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     add_dead_parser(sub)
     add_failed_parser(sub)
     add_audit_parser(sub)
+    add_shards_parser(sub)
     return p
 
 
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_failed_command(args, sys.stdout)
         if args.command == "audit":
             return run_audit_command(args, sys.stdout)
+        if args.command == "shards":
+            return run_shards_command(args, sys.stdout)
         return run_scripts_command(args, sys.stdout)
     except CliError as e:
         print(f"playbus: {e}", file=sys.stderr)

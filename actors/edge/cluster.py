@@ -70,6 +70,8 @@ class Cluster:
         self.args = args
         self.redis_server: Any = None
         self.shards: list[Any] = []
+        self.config: Any = None
+        self.redis_url = ""
         self.router: Any = None
         self.delivery: Any = None
         self.serve_started = False
@@ -122,13 +124,10 @@ class Cluster:
         from playbus.actors.edge.delivery_actor import DeliveryActor
         from playbus.actors.edge.router_actor import InputRouterActor
         from playbus.actors.edge.serve_app import Ingress
-        from playbus.actors.edge.shard_actor import UserActivityActor
 
         print(f"playbus: starting {config.shards} shards over {config.key_groups} key groups", flush=True)
-        self.shards = [
-            UserActivityActor.options(name=f"playbus-shard-{i}").remote(config, i, redis_url)
-            for i in range(config.shards)
-        ]
+        self.config, self.redis_url = config, redis_url
+        self.shards = [self._make_shard(i) for i in range(config.shards)]
         ray.get([s.start.remote() for s in self.shards])  # each reads its input partitions
         self.delivery = DeliveryActor.options(name="playbus-delivery").remote(redis_url, config)
         self.router = InputRouterActor.options(name="playbus-router").remote(config, redis_url)
@@ -151,6 +150,33 @@ class Cluster:
               f"playbus:{{kgN}}:in)", flush=True)
         return url
 
+    def _make_shard(self, i: int) -> Any:
+        """A new shard actor of index i (at the start, and when a rescale adds shards)."""
+        from playbus.actors.edge.names import shard_name
+        from playbus.actors.edge.shard_actor import UserActivityActor
+
+        return UserActivityActor.options(name=shard_name(i)).remote(self.config, i, self.redis_url)
+
+    def rescale_if_asked(self) -> None:
+        """Run the rescale that POST /v1/shards asked for (the shard map's target), if any; blocking."""
+        import redis
+
+        from playbus.actors.edge.rescale import RayShardControl
+        from playbus.actors.service.rescale import Rescaler
+        from playbus.actors.store.shardmap import ShardMap
+
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=10)
+        try:
+            shard_map = ShardMap(client, self.config.key_groups)
+            layout = shard_map.read()
+            if layout is None or layout.target == layout.count:
+                return
+            Rescaler(shard_map, RayShardControl(self.shards, self._make_shard),
+                     progress=lambda m: print(f"playbus: {m}", flush=True)).run(layout.target)
+            self.silent.clear()
+        finally:
+            client.close()
+
     def _prepare_redis(self, config: Any, redis_url: str) -> None:
         """Refuse a Redis that cannot hold playbus's data (evicting, not durable as asked, another key_groups);
         then deploy the rules' script files (a changed file becomes the active version)."""
@@ -161,11 +187,13 @@ class Cluster:
         from playbus.actors.store.durability import check_server
         from playbus.actors.store.errors import StoreError
         from playbus.actors.store.layout import check_layout
+        from playbus.actors.store.shardmap import ShardMap
 
         client = redis.Redis.from_url(redis_url, socket_timeout=10)
         try:
             check_server(client, config.durability.fsync)
             check_layout(client, config.key_groups)
+            ShardMap(client, config.key_groups).start(config.shards)  # the config's shards own every group
             for name, version in deploy_scripts(ScriptCatalog(client), config):
                 what = "version 1 loaded from its file" if version == 1 else \
                     f"its file changed, version {version} is now active"
@@ -185,6 +213,10 @@ class Cluster:
         dead): the new incarnation claims the shard's key groups with a higher epoch, which fences the old one."""
         import ray
 
+        try:
+            self.rescale_if_asked()
+        except Exception as e:  # noqa: BLE001 - asked again next round; the shards keep what they own
+            log.exception("rescale failed: %s", e)
         try:
             self.router.start.remote()
         except Exception as e:  # noqa: BLE001 - the next round tries again

@@ -7,11 +7,13 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from playbus.actors.edge.names import NAMESPACE, shard_name
 from playbus.actors.service.http_api import MAX_BODY, IngressCore
 from playbus.config.schema import Config
 
@@ -87,13 +89,32 @@ class Ingress:
     def __init__(self, config: Config, shards: list[Any], redis_url: str,
                  components: dict[str, Any] | None = None) -> None:
         """`components`: the background actors whose health /healthz reports (name -> actor handle)."""
-        self.shards = shards
+        self.shards = list(shards)  # handles by shard index; a rescale's new shards are looked up by name
         self.parts = dict(components or {})
 
         async def call(i: int, method: str, args: Sequence[Any]) -> Any:
-            return await call_with_retry(self.shards[i], method, args)
+            handle = await self._shard(i)
+            try:
+                return await call_with_retry(handle, method, args)
+            except ActorDiedError:
+                # Removed by a rescale (and perhaps started again since, as a new actor of the same name).
+                if i < len(self.shards) and self.shards[i] is handle:
+                    self.shards[i] = None
+                fresh = await self._shard(i)
+                if fresh is handle:
+                    raise
+                return await call_with_retry(fresh, method, args)
 
         self.core = IngressCore(config, call, redis_url, components=self.component_health if self.parts else None)
+
+    async def _shard(self, i: int) -> Any:
+        """The handle of shard i: the one given at start, else the named actor (started by a rescale)."""
+        if i < len(self.shards) and self.shards[i] is not None:
+            return self.shards[i]
+        handle = await asyncio.to_thread(ray.get_actor, shard_name(i), namespace=NAMESPACE)
+        self.shards += [None] * (i + 1 - len(self.shards))
+        self.shards[i] = handle
+        return handle
 
     async def component_health(self) -> dict[str, dict[str, Any]]:
         async def one(handle: Any) -> dict[str, Any]:

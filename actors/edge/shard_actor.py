@@ -22,6 +22,7 @@ from ray.util import metrics
 
 from playbus.actors.engine.events import decode_events
 from playbus.actors.service.batcher import MicroBatcher
+from playbus.actors.service.errors import NotOwner
 from playbus.actors.service.partition_reader import PartitionReader
 from playbus.actors.service.shard import PreparedBatch, ShardCore
 from playbus.actors.service.timer_firer import TimerFirer
@@ -42,16 +43,14 @@ class _UserActivityActor:
         self.core = ShardCore(config, shard, redis_url)
         self.batcher = MicroBatcher(self.core, config.batch.max_events, config.batch.max_wait_ms / 1000,
                                     on_committed=self._record)
-        self.reader = PartitionReader(redis_url, sorted(self.core.groups), self._submit_read,
-                                      self.core.campaign_ids, chunk=config.batch.max_events,
-                                      key_groups=config.key_groups)
-        self.firer = TimerFirer(redis_url, sorted(self.core.groups), self._submit_fired,
-                                poll_s=config.timers.poll_ms / 1000, chunk=config.batch.max_events,
-                                on_fired=self._observe_lateness)
+        self.redis_url = redis_url
+        self.reader, self.firer = self._readers()
         self._reader_task: asyncio.Task[None] | None = None
         self._reader_stop: asyncio.Event | None = None
         self._firer_task: asyncio.Task[None] | None = None
         self.restarts = {"partition reader": 0, "timer firer": 0}
+        self._leaving: set[int] = set()  # groups being released: their events are refused from now
+        self._moves = asyncio.Lock()  # one release or acquire at a time
         self._exiting = False
         tags = {"shard": str(shard)}
         self._m_events = metrics.Counter("playbus_events", "events by result status", tag_keys=("shard", "status"))
@@ -73,6 +72,18 @@ class _UserActivityActor:
         for m in (self._m_events, self._m_rule_errors, self._m_batch, self._m_commit, self._m_queue, self._m_made,
                   self._m_late, self._m_grants, self._m_refusals, self._m_campaign_errors):
             m.set_default_tags(tags)
+
+    def _readers(self) -> tuple[PartitionReader, TimerFirer]:
+        """A partition reader and a timer firer for the groups this shard owns now."""
+        config, groups = self.core.config, sorted(self.core.groups)
+        reader = PartitionReader(self.redis_url, groups, self._submit_read, self.core.campaign_ids,
+                                 chunk=config.batch.max_events, key_groups=config.key_groups)
+        firer = TimerFirer(self.redis_url, groups, self._submit_fired, poll_s=config.timers.poll_ms / 1000,
+                           chunk=config.batch.max_events, on_fired=self._observe_lateness)
+        old = getattr(self, "reader", None), getattr(self, "firer", None)
+        if old[0] is not None and old[1] is not None:  # counters and lateness go on across a move
+            reader.stats, firer.stats, firer.lateness_ms = old[0].stats, old[1].stats, old[1].lateness_ms
+        return reader, firer
 
     def _record(self, batch: PreparedBatch) -> None:
         """Metrics of one committed batch: a handful of calls per batch, none per event."""
@@ -113,6 +124,12 @@ class _UserActivityActor:
 
     async def process_events(self, events: list[Any]) -> list[dict[str, Any]]:
         self._ensure_reader()
+        groups = self.core.groups_of(events)
+        foreign = (groups - self.core.groups) | (groups & self._leaving)
+        if foreign:
+            raise NotOwner(f"shard {self.core.shard} does not own key groups "
+                               f"{', '.join(map(str, sorted(foreign)[:10]))}{' ...' if len(foreign) > 10 else ''} "
+                               f"(the shard map changed): read it again and send these events to their owner")
         try:
             return await self.batcher.submit(events)
         except FencedError:
@@ -169,8 +186,12 @@ class _UserActivityActor:
             return
         if self._reader_stop is None:
             self._reader_stop = asyncio.Event()
-        self._reader_task = self._keep_running(self._reader_task, self.reader.run, "partition reader")
-        self._firer_task = self._keep_running(self._firer_task, self.firer.run, "timer firer")
+        if self.core.groups:
+            self._reader_task = self._keep_running(self._reader_task, self.reader.run, "partition reader")
+            self._firer_task = self._keep_running(self._firer_task, self.firer.run, "timer firer")
+        else:  # a shard that owns no group (yet): nothing to read, and nothing wrong
+            self._reader_task = self._keep_running(self._reader_task, _idle, "partition reader")
+            self._firer_task = self._keep_running(self._firer_task, _idle, "timer firer")
 
     def _keep_running(self, task: asyncio.Task[None] | None, run: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
                       name: str) -> asyncio.Task[None]:
@@ -183,6 +204,70 @@ class _UserActivityActor:
             log.error("shard %d: the %s stopped (%r); starting it again", self.core.shard, name, exc)
         assert self._reader_stop is not None
         return asyncio.get_running_loop().create_task(run(self._reader_stop))
+
+    # -- key-group moves (a rescale; actors/service/rescale.py) --------------------------------------------
+    async def release(self, groups: list[int]) -> dict[str, Any]:
+        """Hand these groups over: refuse their events from now (NotOwner: callers go to the new owner), stop
+        reading and firing, let every batch already submitted commit, drop the groups and their users from
+        memory, and read the remaining groups again. Idempotent. What it took."""
+        async with self._moves:
+            t = time.perf_counter()
+            gone = set(groups) & self.core.groups
+            if not gone:
+                return {"shard": self.core.shard, "released": 0, "users": 0, "ms": 0.0}
+            self._leaving |= gone
+            try:
+                await self._stop_readers()
+                await self.batcher.barrier()
+                users = self.core.release(gone)
+            finally:
+                self._leaving -= gone
+                self._restart_readers()
+            ms = (time.perf_counter() - t) * 1000
+            log.info("shard %d released %d key groups (%d users) in %.0f ms", self.core.shard, len(gone), users, ms)
+            return {"shard": self.core.shard, "released": len(gone), "users": users, "ms": ms}
+
+    async def acquire(self, groups: list[int]) -> dict[str, Any]:
+        """Take these groups over: claim them with a higher epoch (fencing any older owner), then read their
+        partitions and timers from their committed offsets; users load at their next event. Idempotent."""
+        async with self._moves:
+            t = time.perf_counter()
+            if not set(groups) - self.core.groups:
+                return {"shard": self.core.shard, "acquired": 0, "ms": 0.0}
+            await self._stop_readers()
+            try:
+                claimed = self.core.acquire(groups)  # on the actor's thread, like the batches it must not overlap
+            finally:
+                self._restart_readers()
+            ms = (time.perf_counter() - t) * 1000
+            log.info("shard %d acquired %d key groups in %.0f ms", self.core.shard, len(claimed), ms)
+            return {"shard": self.core.shard, "acquired": len(claimed), "ms": ms}
+
+    async def groups(self) -> list[int]:
+        return sorted(self.core.groups)
+
+    async def _stop_readers(self) -> None:
+        """Stop the partition reader and the timer firer; they wait for their chunks in flight."""
+        if self._reader_stop is not None:
+            self._reader_stop.set()
+        for name, task in (("partition reader", self._reader_task), ("timer firer", self._firer_task)):
+            if task is None:
+                continue
+            try:
+                await asyncio.wait_for(task, 30)
+            except Exception as e:  # noqa: BLE001 - a reader that died must not keep the move back
+                log.warning("shard %d: the %s did not stop cleanly: %r", self.core.shard, name, e)
+        self._reader_task = self._firer_task = None
+        for client in (self.reader, self.firer):
+            try:
+                await client.close()
+            except Exception as e:  # noqa: BLE001
+                log.warning("shard %d: closing a Redis client: %r", self.core.shard, e)
+
+    def _restart_readers(self) -> None:
+        self.reader, self.firer = self._readers()
+        self._reader_stop = asyncio.Event()
+        self._ensure_reader()
 
     async def start(self) -> bool:
         """Start reading the input partitions (idempotent; health and process calls do it too)."""
@@ -240,21 +325,13 @@ class _UserActivityActor:
         leases back."""
         self._exiting = True
         if self._reader_stop is not None:
-            self._reader_stop.set()
-            for name, task in (("partition reader", self._reader_task), ("timer firer", self._firer_task)):
-                if task is None:
-                    continue
-                try:
-                    await asyncio.wait_for(task, 30)
-                except Exception as e:  # noqa: BLE001 - a reader that died or hangs must not keep the batches back
-                    log.warning("shard %d: the %s did not stop cleanly: %r", self.core.shard, name, e)
-            for client in (self.reader, self.firer):
-                try:
-                    await client.close()
-                except Exception as e:  # noqa: BLE001 - closing a connection must not fail the shard's close
-                    log.warning("shard %d: closing a Redis client: %r", self.core.shard, e)
+            await self._stop_readers()
         await self.batcher.drain()
         self.core.close()
+
+
+async def _idle(stop: asyncio.Event) -> None:
+    await stop.wait()
 
 
 UserActivityActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)(  # type: ignore[call-overload]

@@ -11,8 +11,8 @@ from __future__ import annotations
 from hashlib import blake2b
 from zlib import crc32
 
-__all__ = ["action_id", "derived_event_id", "group_prefix", "groups_of_shard", "kg_tag", "key_group", "shard_of_group",
-           "split_user_key", "user_key"]
+__all__ = ["action_id", "contiguous_owners", "derived_event_id", "group_prefix", "groups_of_shard", "kg_tag",
+           "key_group", "shard_of_group", "split_user_key", "user_key"]
 
 
 def user_key(campaign: str, user: str) -> str:
@@ -63,6 +63,13 @@ def groups_of_shard(shard: int, shards: int, n: int) -> list[int]:
     first = -(-shard * n // shards)
     end = -(-(shard + 1) * n // shards)
     return list(range(first, end))
+
+
+def contiguous_owners(shards: int, n: int) -> list[int]:
+    """The owner of each of `n` groups when `shards` shards own contiguous ranges (a cluster's start layout)."""
+    if not 1 <= shards <= n:
+        raise ValueError(f"shards ({shards}) must be in 1..{n} (the number of key groups)")
+    return [(kg * shards) // n for kg in range(n)]
 
 
 def kg_tag(kg: int) -> str:

@@ -28,7 +28,9 @@ from playbus.actors.service.admin_backtest import BacktestAdmin
 from playbus.actors.service.admin_campaigns import CampaignAdmin
 from playbus.actors.service.admin_dead import DeadLetterAdmin
 from playbus.actors.service.admin_failed import FailedRunsAdmin
+from playbus.actors.service.admin_shards import ShardAdmin
 from playbus.actors.service.replies import MAX_EVENTS, Response, error, reply
+from playbus.actors.service.router import Router
 from playbus.actors.store.audit import AuditLog
 from playbus.actors.store.catalog import ScriptCatalog
 from playbus.actors.store.deadletters import DeadLetters
@@ -70,14 +72,18 @@ class AdminApi:
     """The admin endpoints of one ingress replica; `call_shard(i, method, args)` reaches shard i."""
 
     def __init__(self, config: Config, catalog: ScriptCatalog, call_shard: ShardCall, audit: AuditLog,
-                 campaigns: CampaignAdmin) -> None:
+                 campaigns: CampaignAdmin, router: Router | None = None, shards: ShardAdmin | None = None) -> None:
+        """`router`: the shard layout the ingress routes by (broadcasts reach its shards); `shards`: the shard
+        endpoints (none without a shard map)."""
         self.config = config
+        self.router = router if router is not None else Router(config.shards, config.key_groups)
+        self.shards = shards
         self.catalog = catalog
         self.call_shard = call_shard
         self.audit = audit
         self.campaigns = campaigns
         self.dead = DeadLetterAdmin(DeadLetters(audit.client), audit)
-        self.failed = FailedRunsAdmin(config, audit.client, call_shard, audit, self._active_versions)
+        self.failed = FailedRunsAdmin(config, audit.client, call_shard, audit, self._active_versions, self.router)
         self.backtests = BacktestAdmin(config, audit.client, catalog, campaigns.running)
         self.checker = Sandbox(config.sandbox.max_instructions, config.sandbox.max_memory_kb)  # compiles pushes
         # The scripts' test vectors (NAME.test.yaml beside the config's scripts): a push that fails them is refused.
@@ -130,6 +136,8 @@ class AdminApi:
             return await self.dead.handle(method, path, query, who, body)
         if path == "/v1/failed" or path.startswith("/v1/failed/"):
             return await self.failed.handle(method, path, query, who, body)
+        if path == "/v1/shards" and self.shards is not None:
+            return await self.shards.handle(method, path, who, body)
         return error(404, f"no such endpoint: {method} {path}")
 
     async def scripts(self, method: str, path: str, body: bytes, who: str) -> Response:
@@ -178,7 +186,7 @@ class AdminApi:
         version = self.catalog.add(name, source)
         self.audit.record(who, "script.push", name, {"version": version, "bytes": len(body)})
         await asyncio.gather(*(self.call_shard(s, "put_script", (name, source, version))
-                               for s in range(self.config.shards)))
+                               for s in range(self.router.shards)))
         return reply(201, {"name": name, "version": version})
 
     def _vector_failures(self, name: str, source: str) -> list[str]:
@@ -210,7 +218,7 @@ class AdminApi:
         self.audit.record(who, "script.activate" if percent >= 100 else "script.canary", name,
                           {"version": version, "percent": percent, "previous": previous})
         await asyncio.gather(*(self.call_shard(s2, "activate", (name, version, percent))
-                               for s2 in range(self.config.shards)))
+                               for s2 in range(self.router.shards)))
         if percent >= 100:
             return reply(200, {"name": name, "active": version})
         return reply(200, {"name": name, "active": s["active"], "canary": {"version": version, "percent": percent}})

@@ -24,6 +24,7 @@ import redis
 
 from playbus.actors.engine.keys import group_prefix
 from playbus.actors.service.replies import Response, error, reply
+from playbus.actors.service.router import Router
 from playbus.actors.store.audit import AuditLog
 from playbus.actors.store.campaigns import CampaignState
 from playbus.actors.store.catalog import ScriptCatalog
@@ -44,8 +45,10 @@ class CampaignAdmin:
     """The campaign endpoints of one ingress replica."""
 
     def __init__(self, config: Config, client: redis.Redis, call_shard: ShardCall, audit: AuditLog,
-                 catalog: ScriptCatalog) -> None:
+                 catalog: ScriptCatalog, router: Router | None = None) -> None:
+        """`router`: the shard layout the ingress routes by (changes reach its shards)."""
         self.config = config
+        self.router = router if router is not None else Router(config.shards, config.key_groups)
         self.client = client
         self.state = CampaignState(client)
         self.call_shard = call_shard
@@ -112,7 +115,7 @@ class CampaignAdmin:
 
     async def _tell_shards(self) -> None:
         """Make every shard apply the new state now (it would within CATALOG_CHECK_S anyway)."""
-        await asyncio.gather(*(self.call_shard(s, "campaigns_changed", ()) for s in range(self.config.shards)))
+        await asyncio.gather(*(self.call_shard(s, "campaigns_changed", ()) for s in range(self.router.shards)))
 
     async def top_up(self, camp: CampaignConfig, name: str, body: bytes, who: str) -> Response:
         if name not in {b.name for b in camp.budgets}:
@@ -134,7 +137,7 @@ class CampaignAdmin:
         """Budgets (total, spent, left: left = not leased + leased and unspent in the shards), and the counters
         the commits keep per key group (store.commit.stat_counts), summed; delivery backlog and dead letters."""
         names = [b.name for b in camp.budgets]
-        leases = await asyncio.gather(*(self.call_shard(s, "budget_leases", ()) for s in range(self.config.shards)))
+        leases = await asyncio.gather(*(self.call_shard(s, "budget_leases", ()) for s in range(self.router.shards)))
         budgets = {}
         for name, (total, unleased) in self.state.budgets(camp.id, names).items():
             held = sum(max(0, int(got.get(f"{camp.id}\x00{name}", 0))) for got in leases)

@@ -42,14 +42,14 @@ def replay_id(failed_id: str, version: int) -> str:
 
 class FailedRunsAdmin:
     def __init__(self, config: Config, client: redis.Redis, call_shard: ShardCall, audit: AuditLog,
-                 versions: Callable[[], dict[tuple[str, str], int]]) -> None:
+                 versions: Callable[[], dict[tuple[str, str], int]], router: Router | None = None) -> None:
         """`versions()`: (campaign, rule) -> the active version of the rule's script (a replay runs on it)."""
         self.config = config
         self.versions = versions
         self.failed = FailedRuns(client, config.key_groups)
         self.call_shard = call_shard
         self.audit = audit
-        self.router = Router(config.shards, config.key_groups)
+        self.router = router if router is not None else Router(config.shards, config.key_groups)
 
     async def handle(self, method: str, path: str, query: str, who: str, body: bytes) -> Response:
         if path == "/v1/failed":
@@ -84,18 +84,8 @@ class FailedRunsAdmin:
         versions = await asyncio.to_thread(self.versions)
         events = [_replay_event(r, versions.get((r["event"]["campaign"], r["rule"]), 0)) for r in runs]
         results: list[dict[str, Any]] = []
-        by_shard: dict[int, list[Replay]] = {}
-        for ev in events:
-            by_shard.setdefault(self.router.shard_of(ev.campaign, ev.user), []).append(ev)
-
-        async def one_shard(shard: int, evs: list[Replay]) -> list[dict[str, Any]]:
-            out: list[dict[str, Any]] = []
-            for i in range(0, len(evs), CHUNK):
-                out += await self.call_shard(shard, "process_events", (evs[i:i + CHUNK],))
-            return out
-
-        for part in await asyncio.gather(*(one_shard(s, evs) for s, evs in by_shard.items())):
-            results += part
+        for i in range(0, len(events), CHUNK):  # in order: a user's replays keep the order of its events
+            results += await self.router.route(events[i:i + CHUNK], self.call_shard, "process_events", encoded=False)
         replayed = [r for r in results if r["status"] == "applied" and not r["errors"]]
         again = [r for r in results if r["status"] == "applied" and r["errors"]]
         summary = {"found": len(runs), "replayed": len(replayed), "failed_again": len(again),

@@ -109,6 +109,7 @@ class MicroBatcher(Generic[B]):
         self._inflight: asyncio.Future[None] | None = None  # the commit of self._decided[0], if running
         self._decided: list[tuple[B, list[_Waiter]]] = []  # decided, not yet answered (oldest first)
         self._preparing: list[Any] | None = None  # the events of a batch being decided
+        self._open: set[asyncio.Future[Any]] = set()  # callers not answered yet (for `barrier`)
         self.loop_deaths = 0  # times the loop died of an error (and was restarted by the next submit)
 
     @property
@@ -123,6 +124,8 @@ class MicroBatcher(Generic[B]):
         with them: both committed with the events."""
         self._ensure_loop()
         fut: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        self._open.add(fut)
+        fut.add_done_callback(self._open.discard)
         self._pending.append(_Waiter(events, fut, offset=offset, rejected=rejected))
         self.queued += len(events)
         assert self._wake is not None
@@ -138,6 +141,21 @@ class MicroBatcher(Generic[B]):
         waiters = [w for w in self._pending if not w.fut.done()]
         waiters += [w for _, take in self._decided for w in take if not w.fut.done()]
         return time.monotonic() - min(w.since for w in waiters) if waiters else 0.0
+
+    async def barrier(self) -> None:
+        """Wait until everything submitted before this call has been answered and its commit has settled (new
+        submissions may go on meanwhile, unlike `drain`): after it, memory holds nothing decided from those
+        events that Redis does not."""
+        since = time.monotonic()
+        opened = [f for f in self._open if not f.done()]
+        if opened:
+            await asyncio.wait(opened)
+        # A caller that gave up waiting leaves its events queued: they are still decided and committed.
+        while any(w.since <= since for w in self._pending) or any(
+                w.since <= since for _, take in self._decided for w in take):
+            await asyncio.sleep(0.005)
+        # Commits run one at a time on one thread, in order: this returns once every commit before it has ended.
+        await asyncio.get_running_loop().run_in_executor(self._committer, lambda: None)
 
     async def drain(self) -> None:
         """Wait until everything queued so far has been answered."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -21,11 +22,13 @@ from playbus.actors.engine.keys import user_key
 from playbus.actors.engine.state import decode_snapshot, pending_timers
 from playbus.actors.service.admin import AdminApi
 from playbus.actors.service.admin_campaigns import CampaignAdmin
+from playbus.actors.service.admin_shards import ShardAdmin
 from playbus.actors.service.replies import MAX_BODY, MAX_EVENTS, Response, error, reply
 from playbus.actors.service.router import Router
 from playbus.actors.store.audit import AuditLog
 from playbus.actors.store.catalog import ScriptCatalog
 from playbus.actors.store.commit import RedisStore
+from playbus.actors.store.shardmap import ShardMap
 from playbus.config.schema import Config
 from playbus.scripting.errors import ScriptError
 
@@ -39,7 +42,8 @@ ShardCall = Callable[[int, str, Sequence[Any]], Awaitable[Any]]
 
 _CTX = re.compile(r"^/v1/campaigns/([^/]+)/users/([^/]+)/(context|decisions)$")
 # The admin endpoints' path prefixes (the token is checked first; /v1/campaigns/{c}/users/... is matched before).
-_ADMIN = ("/v1/scripts", "/v1/audit", "/v1/campaigns/", "/v1/dead", "/v1/failed")
+_ADMIN = ("/v1/scripts", "/v1/audit", "/v1/campaigns/", "/v1/dead", "/v1/failed", "/v1/shards")
+MAP_CHECK_S = 1.0  # how often an ingress looks for a new shard map (a shard's NotOwner makes it look at once)
 
 
 class IngressCore:
@@ -51,15 +55,48 @@ class IngressCore:
         self.config = config
         self.components = components
         self.call_shard = call_shard
-        self.router = Router(config.shards, config.key_groups)
+        self.router = Router(config.shards, config.key_groups, refresh=self.refresh_map)
         self.client = redis.Redis.from_url(redis_url, socket_timeout=10)
         self.store = RedisStore(self.client, config.key_groups)
+        self.shard_map = ShardMap(self.client, config.key_groups)
+        self.map_generation = -1
+        self._map_checked = 0.0
+        self._refreshing: asyncio.Future[None] | None = None
+        self._read_map()
         audit = AuditLog(self.client)
         catalog = ScriptCatalog(self.client)
         self.admin = AdminApi(config, catalog, call_shard, audit, CampaignAdmin(config, self.client, call_shard, audit,
-                                                                               catalog))
+                                                                               catalog, self.router),
+                              self.router, ShardAdmin(self.shard_map, audit))
         self.max_inflight = max_inflight
         self.inflight = 0
+
+    # -- the shard map -------------------------------------------------------------------------------
+    def _read_map(self) -> None:
+        """Route by the shard map in Redis (a cluster's start writes it; without one, the config's layout)."""
+        layout = self.shard_map.read()
+        if layout is not None and layout.generation != self.map_generation:
+            self.router.set_owners(layout.owners, layout.count)
+            self.map_generation = layout.generation
+        self._map_checked = time.monotonic()
+
+    async def refresh_map(self) -> None:
+        """Read the shard map again (a shard refused events: NotOwner); concurrent callers share one read."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(asyncio.to_thread(self._read_map))
+        await asyncio.shield(self._refreshing)
+
+    async def _look_at_map(self) -> None:
+        """At most every MAP_CHECK_S: read the map if its generation moved (one small read)."""
+        if time.monotonic() - self._map_checked < MAP_CHECK_S:
+            return
+        self._map_checked = time.monotonic()
+        try:
+            generation = await asyncio.to_thread(self.shard_map.generation)
+            if generation != self.map_generation:
+                await self.refresh_map()
+        except Exception as e:  # noqa: BLE001 - routing goes on with the map it has; NotOwner corrects it
+            log.warning("ingress: cannot read the shard map: %s", e)
 
     # -- dispatch ----------------------------------------------------------------------------------
     async def handle(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes) -> Response:
@@ -72,6 +109,7 @@ class IngressCore:
             return error(503, f"temporarily unavailable: {type(e).__name__}: {e}", {"retry-after": "1"})
 
     async def _dispatch(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes) -> Response:
+        await self._look_at_map()
         if path == "/v1/events":
             if method != "POST":
                 return error(405, "use POST")
@@ -159,7 +197,7 @@ class IngressCore:
             except Exception as e:  # noqa: BLE001 - a shard that does not answer is unhealthy
                 return {"shard": i, "ok": False, "problems": [f"no answer: {type(e).__name__}: {e}"[:300]]}
 
-        shards = await asyncio.gather(*(shard(i) for i in range(self.config.shards)))
+        shards = await asyncio.gather(*(shard(i) for i in range(self.router.shards)))
         components = await self.components() if self.components is not None else {}
         ok = all(s.get("ok", False) for s in shards) and all(c.get("ok", False) for c in components.values())
         return reply(200 if ok else 503, {"ok": ok, "shards": shards, "components": components},

@@ -10,6 +10,7 @@ import msgspec
 
 from playbus.actors.engine.events import EventIn, Rejected, check_event
 from playbus.actors.engine.keys import key_group, shard_of_group, user_key
+from playbus.actors.service.errors import NotOwner
 
 ShardCall = Callable[[int, str, Sequence[Any]], Awaitable[Any]]
 
@@ -19,13 +20,37 @@ _encode = msgspec.msgpack.Encoder().encode  # events (EventIn or dicts) to the s
 _decode = msgspec.msgpack.Decoder().decode  # their results
 
 
-class Router:
-    """Splits a request's events into per-shard lists, remembering each event's place in the request."""
+class _Unencodable(Exception):
+    """Some event cannot be encoded for the shards (nothing was sent)."""
 
-    def __init__(self, shards: int, key_groups: int) -> None:
-        self.shards = shards
+
+def _not_owner(e: BaseException) -> bool:
+    """A shard's NotOwner, as raised here or wrapped by Ray."""
+    return isinstance(e, NotOwner) or isinstance(getattr(e, "cause", None), NotOwner)
+
+
+class Router:
+    """Splits a request's events into per-shard lists, remembering each event's place in the request, and sends
+    each list to the owner of its key groups as the shard map says; a shard that no longer owns them (a rescale
+    moved them) answers NotOwner, and those events go again, to the owner of a fresh reading of the map."""
+
+    def __init__(self, shards: int, key_groups: int, refresh: Callable[[], Awaitable[None]] | None = None,
+                 retry_s: float = 30.0) -> None:
+        """`refresh()`: read the shard map again (and call `set_owners`); `retry_s`: how long events refused by
+        shards are sent again before the call fails (a rescale moves a group in well under a second)."""
+        self.shards = shards  # every shard index a caller may reach (broadcasts go to range(shards))
         self.key_groups = key_groups
         self._shard_of = [shard_of_group(kg, shards, key_groups) for kg in range(key_groups)]
+        self.refresh = refresh
+        self.retry_s = retry_s
+        self.rerouted = 0  # events sent again after a NotOwner
+
+    def set_owners(self, owners: list[int], shards: int) -> None:
+        """The shard map's owner of each key group, and the number of shards to broadcast to."""
+        if len(owners) != self.key_groups:
+            raise ValueError(f"{len(owners)} owners for {self.key_groups} key groups")
+        self._shard_of = list(owners)
+        self.shards = max(shards, max(owners) + 1)
 
     def shard_of(self, campaign: str, user: str) -> int:
         return self._shard_of[key_group(user_key(campaign, user), self.key_groups)]
@@ -42,6 +67,10 @@ class Router:
                 c, u = e.get("campaign"), e.get("user")
                 if type(c) is str and type(u) is str:
                     s = shard_of[key_group(f"{c}\x00{u}", n)]  # = keys.user_key, inlined per event
+            elif type(e) is not Rejected:  # a Replay, or another event structure
+                c, u = getattr(e, "campaign", None), getattr(e, "user", None)
+                if type(c) is str and type(u) is str:
+                    s = shard_of[key_group(f"{c}\x00{u}", n)]  # = keys.user_key
             slot = out.get(s)
             if slot is None:
                 out[s] = ([i], [e])
@@ -63,17 +92,54 @@ class Router:
                 index.append(i)
         todo = [events[i] for i in index] if len(index) < len(events) else events
         try:
-            parts = self.split(todo)
-            payloads = [_encode(evs) for _, evs in parts.values()]
-        except (OverflowError, ValueError, TypeError):
+            got = await self.route(todo, call_shard)
+        except _Unencodable:
             index = [i for i in index if not _unencodable(events[i], i, results)]
-            parts = self.split([events[i] for i in index])
-            payloads = [_encode(evs) for _, evs in parts.values()]
-        replies = await asyncio.gather(*(call_shard(s, "process", (p,)) for s, p in zip(parts, payloads, strict=True)))
-        for (pos, _), reply in zip(parts.values(), replies, strict=True):
-            for i, r in zip(pos, _decode(reply), strict=True):
-                results[index[i]] = r
+            got = await self.route([events[i] for i in index], call_shard)
+        for i, r in zip(index, got, strict=True):
+            results[i] = r
         return results
+
+    async def route(self, events: list[Any], call_shard: ShardCall, method: str = "process",
+                    encoded: bool = True) -> list[Any]:
+        """Each shard's events in one call (concurrently), results in input order. `encoded`: the events go as
+        one msgpack payload and the results come back as one (else as Python objects). Events a shard refuses
+        with NotOwner go again after the map is read again, for up to `retry_s`."""
+        results: list[Any] = [None] * len(events)
+        todo = list(range(len(events)))
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.retry_s
+        delay = 0.01
+        while True:
+            parts = self.split([events[i] for i in todo] if len(todo) < len(events) else events)
+            try:
+                payloads = [_encode(evs) if encoded else evs for _, evs in parts.values()]
+            except (OverflowError, ValueError, TypeError) as e:
+                raise _Unencodable(str(e)) from e  # before anything was sent
+            replies = await asyncio.gather(*(call_shard(s, method, (p,)) for s, p in zip(parts, payloads, strict=True)),
+                                           return_exceptions=True)
+            again: list[int] = []
+            refused: BaseException | None = None
+            for (pos, _), reply in zip(parts.values(), replies, strict=True):
+                if isinstance(reply, BaseException):
+                    if not _not_owner(reply):
+                        raise reply
+                    refused = reply
+                    again += [todo[p] for p in pos]
+                    continue
+                for p, r in zip(pos, _decode(reply) if encoded else reply, strict=True):
+                    results[todo[p]] = r
+            if not again:
+                return results
+            if loop.time() + delay > end:
+                assert refused is not None
+                raise refused
+            self.rerouted += len(again)
+            if self.refresh is not None:
+                await self.refresh()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            todo = sorted(again)
 
 
 def _unencodable(event: Any, i: int, results: list[dict[str, Any]]) -> bool:

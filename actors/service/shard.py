@@ -20,7 +20,7 @@ import redis
 from playbus.actors.engine.budgets import BudgetShortage
 from playbus.actors.engine.decisions import Decision, repeat_actions
 from playbus.actors.engine.engine import ShardEngine, user_keys
-from playbus.actors.engine.keys import group_prefix, groups_of_shard, user_key
+from playbus.actors.engine.keys import group_prefix, groups_of_shard, key_group, user_key
 from playbus.actors.store.campaigns import GENERATION as CAMPAIGNS_GENERATION
 from playbus.actors.store.campaigns import CampaignState
 from playbus.actors.store.catalog import GENERATION as CATALOG_GENERATION
@@ -31,6 +31,7 @@ from playbus.actors.store.errors import FencedError
 from playbus.actors.store.layout import check_layout
 from playbus.actors.store.leases import LeasedBudgets
 from playbus.actors.store.recorded import ran_rules
+from playbus.actors.store.shardmap import ShardMap
 from playbus.config.errors import ConfigError
 from playbus.config.loader import parse_campaign, with_campaigns
 from playbus.config.schema import Config, campaign_document
@@ -90,7 +91,11 @@ class ShardCore:
         self.campaign_state.init_budgets((c.id, b.name, b.total) for c in config.campaigns for b in c.budgets)
         self.campaign_ids = {c.id for c in config.campaigns}  # shared with the partition reader (updated in place)
         self.apply_campaign_state()
-        self.groups = set(groups_of_shard(shard, config.shards, config.key_groups))
+        # The shard map says which groups are ours (after a rescale, not the config's contiguous share); without
+        # one (a core used alone, in tests and tools), the config's share.
+        layout = ShardMap(self.client, config.key_groups).read()
+        self.groups = set(layout.groups_of(shard) if layout is not None else
+                          groups_of_shard(shard, config.shards, config.key_groups))
         self.max_decide_s = config.batch.max_decide_ms / 1000
         self.stream_targets = {g: t.stream for g, t in config.targets.items() if t.stream}
         self.webhooks = {g for g, t in config.targets.items() if t.webhook}
@@ -272,6 +277,49 @@ class ShardCore:
         for k in keys:
             self.engine.evict(k)
 
+    # -- key-group moves -----------------------------------------------------------------------------
+    def release(self, groups: Iterable[int]) -> int:
+        """Stop owning these groups (their batches committed: the caller saw to it): drop them and their users
+        from memory, so that nothing of theirs reaches a later commit. The number of users dropped."""
+        gone = set(groups) & self.groups
+        # New objects, not changes in place: a commit on the commit thread may be reading the old ones.
+        self.groups = self.groups - gone
+        self.epochs = {kg: e for kg, e in self.epochs.items() if kg not in gone}
+        return self._evict_groups(gone)
+
+    def acquire(self, groups: Iterable[int]) -> dict[int, int]:
+        """Own these groups: claim them with a higher epoch (which fences out any older owner), after dropping
+        what memory may still hold of them from an earlier ownership; their users load at their next event, and
+        the caller starts reading their partitions and timers from the committed offsets. The epochs claimed."""
+        new = sorted(set(groups) - self.groups)
+        if not new:
+            return {}
+        self._evict_groups(set(new))
+        claimed = self.store.claim(new)
+        self.epochs = {**self.epochs, **claimed}
+        self.groups = self.groups | set(new)
+        return claimed
+
+    def _evict_groups(self, groups: set[int]) -> int:
+        if not groups:
+            return 0
+        n = self.config.key_groups
+        keys = [k for k in self.engine.users if key_group(k, n) in groups]
+        for k in keys:
+            self.engine.evict(k)
+        return len(keys)
+
+    def groups_of(self, events: list[Any]) -> set[int]:
+        """The key groups of these events (those with a string campaign and user)."""
+        n = self.config.key_groups
+        out: set[int] = set()
+        for e in events:
+            c, u = (e.get("campaign"), e.get("user")) if type(e) is dict else (getattr(e, "campaign", None),
+                                                                                getattr(e, "user", None))
+            if type(c) is str and type(u) is str:
+                out.add(key_group(f"{c}\x00{u}", n))  # = keys.user_key, inlined per event
+        return out
+
     # -- reads -------------------------------------------------------------------------------------
     def context(self, campaign: str, user: str) -> dict[str, Any]:
         self._ensure_loaded(campaign, user)
@@ -306,6 +354,8 @@ class ShardCore:
 
     def _write_probe(self) -> bool:
         """Whether Redis takes a write in one of this shard's key groups now (after a failed commit)."""
+        if not self.groups:
+            return True  # nothing to commit
         try:
             self.client.set(group_prefix(min(self.groups)) + "probe", str(time.time()), px=60_000)
             return True
