@@ -127,7 +127,7 @@ DELIVERY_TITLE = "ray::_DeliveryActor"
 HOSTILE = "hostile"
 ADMIN_TOKEN = "soak-admin-token"
 FAULT_KINDS = ("kill_shard", "stop_shard", "redis_stall", "redis_oom", "wrong_type", "kill_router",
-               "kill_delivery", "kill_ingress", "hot_reload")
+               "kill_delivery", "kill_ingress", "hot_reload", "rescale")
 KILL_TITLES = {"kill_shard": SHARD_TITLE, "kill_router": ROUTER_TITLE, "kill_delivery": DELIVERY_TITLE,
                "kill_ingress": INGRESS_TITLE}
 
@@ -508,9 +508,10 @@ class StreamProducerThread(threading.Thread):
     def run(self) -> None:
         import redis
 
+        from playbus.actors.store.connect import connect
         from playbus.client import StreamProducer
 
-        r = redis.Redis.from_url(self.redis_url, socket_timeout=30)
+        r = connect(self.redis_url, socket_timeout=30)
         producer = StreamProducer(r, batch=50)
         try:
             while not self.stop_flag.is_set():
@@ -660,9 +661,9 @@ class Faults(threading.Thread):
             t = time.monotonic() + self.rng.uniform(*self.every)
 
     def _redis(self) -> Any:
-        import redis
+        from playbus.actors.store.connect import connect
 
-        return redis.Redis.from_url(self.cluster.redis_url, socket_timeout=10)
+        return connect(self.cluster.redis_url, socket_timeout=10)
 
     def _pick(self, title: str) -> tuple[int, list[int]]:
         pids = self.cluster.processes(title)
@@ -745,6 +746,39 @@ class Faults(threading.Thread):
             r.close()
         rec["key"] = journal
 
+    def _admin(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        import http.client
+
+        conn = http.client.HTTPConnection(self.cluster.host, self.cluster.port, timeout=30)
+        try:
+            conn.request(method, path, json.dumps(body) if body is not None else None,
+                         {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    def _rescale(self, rec: dict[str, Any]) -> None:
+        """Move key groups to another number of shards (1 to shards + 2) under the load, and wait for the end."""
+        status, doc = self._admin("GET", "/v1/shards")
+        if status != 200:
+            raise RuntimeError(f"GET /v1/shards answered {status}: {doc}")
+        target = self.rng.choice([n for n in range(1, self.shards + 3) if n != doc["count"]])
+        t = time.monotonic()
+        status, doc = self._admin("POST", "/v1/shards", {"count": target})
+        if status != 202:
+            raise RuntimeError(f"POST /v1/shards answered {status}: {doc}")
+        self.log(f"FAULT {len(self.done) + 1}: rescale from {doc['count']} to {target} shards")
+        while time.monotonic() - t < 90 and not self.stop_flag.is_set():
+            status, doc = self._admin("GET", "/v1/shards")
+            if status == 200 and doc["count"] == target and not doc["rescaling"]:
+                rec.update(target=target, recovered_s=round(time.monotonic() - t, 1),
+                           pause_ms=doc["last"]["pause_ms"], problems=doc["last"]["problems"])
+                self.log(f"  rescaled to {target} in {rec['recovered_s']} s, groups paused {rec['pause_ms']} ms")
+                return
+            time.sleep(0.25)
+        raise RuntimeError(f"the rescale to {target} shards did not end within 90 s")
+
     def _hot_reload(self, rec: dict[str, Any]) -> None:
         import http.client
 
@@ -817,7 +851,7 @@ def linkage_trouble(cluster: ClusterProcess, user: str) -> list[Any]:
 def verify(cluster: ClusterProcess, users: list[SoakUser], stream_users: list[SoakUser], model: Model,
            prog: Progress, resent: list[str], receiver: Receiver,
            forged: str) -> tuple[dict[str, bool], list[str], dict[str, Any]]:
-    import redis
+    from playbus.actors.store.connect import connect
 
     checks: dict[str, bool] = {}
     problems: list[str] = []
@@ -888,7 +922,7 @@ def verify(cluster: ClusterProcess, users: list[SoakUser], stream_users: list[So
                                 f"events named it partner; journal: {journal(u)}")
     info.update(credits_expected=sum(credits.values()), timers_expected=sum(u.tasks for u in everyone))
 
-    r = redis.Redis.from_url(cluster.redis_url, socket_timeout=60)
+    r = connect(cluster.redis_url, socket_timeout=60)
     try:
         milestones = read_stream(r, MILESTONES)
         chances = read_stream(r, LOTTERY)
@@ -1093,7 +1127,9 @@ def settle(cluster: ClusterProcess, model: Model, receiver: Receiver, timers: in
     timers come due `timer_ms` after the last event."""
     import redis
 
-    r = redis.Redis.from_url(cluster.redis_url, socket_timeout=10)
+    from playbus.actors.store.connect import connect
+
+    r = connect(cluster.redis_url, socket_timeout=10)
     try:
         while time.monotonic() < deadline:
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,12 +25,23 @@ class RayShardControl:
 
     def start(self, shards: list[int]) -> None:
         for i in shards:
-            handle = self.make(i)
+            handle = self._make(i)
             if i < len(self.shards):
                 self.shards[i] = handle
             else:
                 self.shards.append(handle)
         ray.get([self.shards[i].start.remote() for i in shards], timeout=CALL_TIMEOUT_S)
+
+    def _make(self, i: int) -> Any:
+        """make(i), waiting while the name of a shard ended by an earlier rescale is still taken."""
+        for attempt in range(50):
+            try:
+                return self.make(i)
+            except ValueError as e:  # "The name ... is already taken": ray.kill has not released it yet
+                if "already" not in str(e) or attempt == 49:
+                    raise
+                time.sleep(0.2)
+        raise AssertionError("unreachable")
 
     def call(self, calls: list[tuple[int, str, tuple[Any, ...]]]) -> list[Any]:
         refs = [getattr(self.shards[i], method).remote(*args) for i, method, args in calls]

@@ -105,7 +105,13 @@ class Ingress:
                     raise
                 return await call_with_retry(fresh, method, args)
 
-        self.core = IngressCore(config, call, redis_url, components=self.component_health if self.parts else None)
+        self.core = IngressCore(config, call, redis_url, components=self.component_health if self.parts else None,
+                                on_map_change=self._forget_shards)
+
+    def _forget_shards(self) -> None:
+        """The shard map changed: a rescale may have ended shards and started others under the same names, so
+        look every shard up by name again (a call to an ended actor would be retried for its whole deadline)."""
+        self.shards = []
 
     async def _shard(self, i: int) -> Any:
         """The handle of shard i: the one given at start, else the named actor (started by a rescale)."""

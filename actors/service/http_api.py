@@ -15,7 +15,6 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 
 import msgpack
-import redis
 
 from playbus.actors.engine.events import decode_events, decode_json_events, from_gameplays
 from playbus.actors.engine.keys import user_key
@@ -28,6 +27,7 @@ from playbus.actors.service.router import Router
 from playbus.actors.store.audit import AuditLog
 from playbus.actors.store.catalog import ScriptCatalog
 from playbus.actors.store.commit import RedisStore
+from playbus.actors.store.connect import connect
 from playbus.actors.store.shardmap import ShardMap
 from playbus.config.schema import Config
 from playbus.scripting.errors import ScriptError
@@ -50,13 +50,16 @@ class IngressCore:
     """One ingress replica's logic; `call_shard(i, method, args)` reaches shard i's actor."""
 
     def __init__(self, config: Config, call_shard: ShardCall, redis_url: str, max_inflight: int = 50_000,
-                 components: Callable[[], Awaitable[dict[str, dict[str, Any]]]] | None = None) -> None:
-        """`components`: the health of the background components (stream reader, delivery) for /healthz."""
+                 components: Callable[[], Awaitable[dict[str, dict[str, Any]]]] | None = None,
+                 on_map_change: Callable[[], None] | None = None) -> None:
+        """`components`: the health of the background components (stream reader, delivery) for /healthz;
+        `on_map_change()`: called when the shard map changed (shards may have been started or ended)."""
+        self.on_map_change = on_map_change
         self.config = config
         self.components = components
         self.call_shard = call_shard
         self.router = Router(config.shards, config.key_groups, refresh=self.refresh_map)
-        self.client = redis.Redis.from_url(redis_url, socket_timeout=10)
+        self.client = connect(redis_url, socket_timeout=10)
         self.store = RedisStore(self.client, config.key_groups)
         self.shard_map = ShardMap(self.client, config.key_groups)
         self.map_generation = -1
@@ -77,6 +80,8 @@ class IngressCore:
         layout = self.shard_map.read()
         if layout is not None and layout.generation != self.map_generation:
             self.router.set_owners(layout.owners, layout.count)
+            if self.map_generation >= 0 and self.on_map_change is not None:
+                self.on_map_change()
             self.map_generation = layout.generation
         self._map_checked = time.monotonic()
 
