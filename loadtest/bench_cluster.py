@@ -365,17 +365,17 @@ class ClusterBench:
         """Shard `shard`'s full recovery from Redis: every committed user of its key groups read (HSCAN) and
         restored into a fresh engine, as ShardCore.preload does (in this process, so the live shard is not
         fenced): seconds and users."""
-        import redis
 
         from playbus.actors.engine.engine import ShardEngine
         from playbus.actors.engine.keys import groups_of_shard
         from playbus.actors.service.shard import reload_groups
         from playbus.actors.store.commit import RedisStore
+        from playbus.actors.store.connect import connect
         from playbus.config.loader import load_config
 
         config = load_config(self.workdir / "bench.yaml")
         engine = ShardEngine(config)
-        store = RedisStore(redis.Redis.from_url(self.redis_url), config.key_groups)
+        store = RedisStore(connect(self.redis_url), config.key_groups)
         t = time.perf_counter()
         n = reload_groups(store, engine, groups_of_shard(shard, config.shards, config.key_groups))
         seconds = time.perf_counter() - t
@@ -475,6 +475,11 @@ def run(quick: bool = False, users: int = 10_000, rounds: int = 3, memory_users:
         pz = ops["pause"] = bench_ops.pause_under_load(b, 20_000)
         progress(f"  pause      under 20,000 events/s: the call {pz['call_ms']['median']:.0f} ms (max "
                  f"{pz['call_ms']['max']:.0f})")
+        rs = ops["rescale"] = bench_ops.rescale_under_load(b, 20_000)
+        progress("  rescale    under 20,000 events/s: " + ", ".join(
+            f"to {r['to']} shards in {r['seconds']:.1f} s ({r['moved_groups']} key groups, paused "
+            f"{r['pause_ms']:.0f} ms)" for r in rs["rescales"]) + f"; then {rs['partitions_behind_after']} "
+                 "input partitions behind")
         rp = ops["replay"] = bench_ops.replay_speed(b, 2000 if quick else 10_000)
         progress(f"  replay     {rp['runs']:,} failed runs replayed in {rp['seconds']:.1f} s "
                  f"({rp['runs_per_s']:,.0f} a second)")

@@ -4,6 +4,8 @@ activate  while a producer streams events into the partitions, a script version 
           two) through the admin API: how long the call takes (it returns once every shard runs the version) and
           how long until an event posted right after it is decided by the new version
 pause     the same for a pause and a resume (a kill switch)
+rescale   while the producer streams, the shards go 2 -> 4 -> 2 (POST /v1/shards, then the supervisor's move):
+          how long each rescale takes and how long the moving key groups take no events (the pause)
 replay    N failed rule runs replayed (补单) on a fixed version: runs replayed per second
 backtest  the campaign's last N recorded events, active version against a candidate: events per second
 """
@@ -18,7 +20,7 @@ import time
 import urllib.request
 from typing import Any
 
-__all__ = ["TOKEN", "activation_under_load", "pause_under_load", "replay_speed"]
+__all__ = ["TOKEN", "activation_under_load", "pause_under_load", "replay_speed", "rescale_under_load"]
 
 TOKEN = "bench-admin-token"  # what bench_cluster sets PLAYBUS_ADMIN_TOKEN to when it is unset
 V2 = """
@@ -120,6 +122,51 @@ def pause_under_load(b: Any, rate: float, times: int = 4) -> dict[str, Any]:
     _http(b, "POST", "/v1/campaigns/spring2026/resume")
     return {"background_events_per_s": rate, "calls": times,
             "call_ms": {"median": statistics.median(calls), "max": max(calls)}}
+
+
+def rescale_under_load(b: Any, rate: float, counts: tuple[int, ...] = (4, 2)) -> dict[str, Any]:
+    """Rescale to each of `counts` in turn under the load; the supervisor's part (run_cluster's watchdog round)
+    is called here. At the end every input partition is consumed (checked: the count of those behind)."""
+    out: list[dict[str, Any]] = []
+    with _Load(b, rate) as load:
+        time.sleep(1.0)
+        for count in counts:
+            t = time.perf_counter()
+            status, doc = _http(b, "POST", "/v1/shards", {"count": count})
+            assert status == 202, doc
+            b.cluster.rescale_if_asked()
+            status, doc = _http(b, "GET", "/v1/shards")
+            assert status == 200 and doc["count"] == count and not doc["last"]["problems"], doc
+            out.append({"to": count, "seconds": time.perf_counter() - t, "pause_ms": doc["last"]["pause_ms"],
+                        "moved_groups": doc["last"]["moved_groups"], "users_dropped": doc["last"]["users_dropped"]})
+            time.sleep(1.0)
+        sent = load.sent
+    end = time.monotonic() + 60
+    behind = _partitions_behind(b)
+    while behind and time.monotonic() < end:
+        time.sleep(0.2)
+        behind = _partitions_behind(b)
+    return {"background_events_per_s": rate, "background_events": sent, "partitions_behind_after": behind,
+            "rescales": out}
+
+
+def _partitions_behind(b: Any, key_groups: int = 128) -> int:
+    """Input partitions whose committed offset is short of their last entry."""
+    pipe = b.r.pipeline(transaction=False)
+    for kg in range(key_groups):
+        pipe.xinfo_stream(f"playbus:{{kg{kg}}}:in")
+        pipe.get(f"playbus:{{kg{kg}}}:offset")
+    got = pipe.execute(raise_on_error=False)
+    behind = 0
+    for info, offset in zip(got[::2], got[1::2], strict=True):
+        if isinstance(info, Exception):
+            continue  # no partition (nothing sent to the group)
+        last = info["last-generated-id"]
+        last = last.decode() if isinstance(last, bytes) else last
+        off = offset.decode() if isinstance(offset, bytes) else (offset or "0-0")
+        if tuple(map(int, off.split("-"))) < tuple(map(int, last.split("-"))):
+            behind += 1
+    return behind
 
 
 def replay_speed(b: Any, n: int) -> dict[str, Any]:
