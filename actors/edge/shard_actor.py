@@ -127,9 +127,9 @@ class _UserActivityActor:
         groups = self.core.groups_of(events)
         foreign = (groups - self.core.groups) | (groups & self._leaving)
         if foreign:
-            raise NotOwner(f"shard {self.core.shard} does not own key groups "
-                               f"{', '.join(map(str, sorted(foreign)[:10]))}{' ...' if len(foreign) > 10 else ''} "
-                               f"(the shard map changed): read it again and send these events to their owner")
+            listed = ", ".join(map(str, sorted(foreign)[:10])) + (" ..." if len(foreign) > 10 else "")
+            raise NotOwner(f"shard {self.core.shard} does not own key groups {listed} (the shard map changed): "
+                           "read it again and send these events to their owner")
         try:
             return await self.batcher.submit(events)
         except FencedError:
@@ -182,8 +182,11 @@ class _UserActivityActor:
     def _ensure_reader(self) -> None:
         """Start the partition reader and the timer firer (on the actor's event loop), and start again whichever
         died."""
-        if self._exiting:
+        if self._exiting or self._moves.locked():  # a move restarts them itself when it is done
             return
+        self._start_readers()
+
+    def _start_readers(self) -> None:
         if self._reader_stop is None:
             self._reader_stop = asyncio.Event()
         if self.core.groups:
@@ -267,7 +270,8 @@ class _UserActivityActor:
     def _restart_readers(self) -> None:
         self.reader, self.firer = self._readers()
         self._reader_stop = asyncio.Event()
-        self._ensure_reader()
+        if not self._exiting:
+            self._start_readers()
 
     async def start(self) -> bool:
         """Start reading the input partitions (idempotent; health and process calls do it too)."""
@@ -277,13 +281,14 @@ class _UserActivityActor:
     async def health(self) -> dict[str, Any]:
         self._ensure_reader()
         h = self.core.health()
-        running = self._reader_task is not None and not self._reader_task.done()
+        moving = self._moves.locked()  # the reader and the firer are stopped for a moment
+        running = moving or self._reader_task is not None and not self._reader_task.done()
         h["reader"] = {"running": running, "restarts": self.restarts["partition reader"],
                        "last_error": self.reader.last_error, **self.reader.stats}
         if not running:
             h["ok"] = False
             h["problems"].append("the partition reader is not running")
-        firing = self._firer_task is not None and not self._firer_task.done()
+        firing = moving or self._firer_task is not None and not self._firer_task.done()
         late = sorted(self.firer.lateness_ms)
         h["timers"] = {"running": firing, "restarts": self.restarts["timer firer"], "last_error": self.firer.last_error,
                        **self.firer.stats,
@@ -293,6 +298,7 @@ class _UserActivityActor:
             h["ok"] = False
             h["problems"].append("the timer firer is not running")
         h["queued"] = self.batcher.queued
+        h["node"] = ray.get_runtime_context().get_node_id()  # the Ray node it runs on (spread, taken over)
         waited = self.batcher.oldest_wait_s()
         h["oldest_wait_s"] = round(waited, 3)
         if waited > STUCK_AFTER_S:
