@@ -115,9 +115,12 @@ class ClusterProcess:
                  shards: int | None = None, env: Mapping[str, str] | None = None, cwd: str | Path = ROOT,
                  python: str | Path = sys.executable, echo: Callable[[str], None] | None = None,
                  start_timeout_s: float = 180, stop_timeout_s: float = 90,
-                 command: Sequence[str] | None = None) -> None:
+                 command: Sequence[str] | None = None, redis_url: str | None = None,
+                 address: str | None = None) -> None:
         """`command`: the program to run (default: `python run_cluster.py` in `cwd`; an installed playbus has
-        the `run_cluster` command)."""
+        the `run_cluster` command). `redis_url`: a Redis (or Redis Cluster) of the caller's, passed as --redis,
+        instead of the embedded one (then no redis-server is ours to check or kill). `address`: an existing Ray
+        cluster to join (--address) instead of a private local Ray."""
         self.command = list(command) if command is not None else [str(python), "run_cluster.py"]
         self.config_path = Path(config_path)
         self.requested_port = port
@@ -132,7 +135,9 @@ class ClusterProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self.url = ""
-        self.redis_url = ""
+        self.external_redis = redis_url
+        self.address = address
+        self.redis_url = redis_url or ""
         self.stop_report: StopReport | None = None
         self._tmp: str | None = None  # our temp dir for the embedded Redis when no redis_dir was given
         self._reader: threading.Thread | None = None
@@ -180,12 +185,16 @@ class ClusterProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         env.pop("RAY_ADDRESS", None)  # always a private local Ray, never someone else's cluster
         cmd = [*self.command, "--config", str(self.config_path), "--port", str(port), "--redis-dir", str(redis_dir)]
+        if self.external_redis:
+            cmd += ["--redis", self.external_redis]
+        if self.address:
+            cmd += ["--address", self.address]
         if self.shards is not None:
             cmd += ["--shards", str(self.shards)]
         proc = self.proc = subprocess.Popen(
             cmd, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, errors="replace", start_new_session=True)
-        found: dict[str, str] = {}
+        found: dict[str, str] = {"redis": self.external_redis} if self.external_redis else {}
         listening = threading.Event()
 
         def pump() -> None:
@@ -258,7 +267,7 @@ class ClusterProcess:
 
     def redis_pids(self) -> list[int]:
         """Live redis-server processes serving our embedded Redis port."""
-        if not self.redis_url:
+        if not self.redis_url or self.external_redis:
             return []
         pattern = re.compile(rf"(:|--port ){self.redis_port}(\s|$)")
         out = []

@@ -128,9 +128,9 @@ class _Progress(threading.Thread):
 def stream_backlog(redis_url: str) -> tuple[int, int]:
     """(input partitions with entries not consumed yet, entries in playbus:rejected) of playbus's Redis. A
     consumed partition's last entry is its committed offset (the commit trims the stream up to the offset)."""
-    import redis
+    from playbus.actors.store.connect import connect
 
-    r = redis.Redis.from_url(redis_url, socket_timeout=30)
+    r = connect(redis_url, socket_timeout=30)
     try:
         kg = int(r.hget(LAYOUT_KEY, "key_groups") or 0)
         pipe = r.pipeline(transaction=False)

@@ -230,9 +230,9 @@ class StreamProducerUser(User):
         if not url:
             log.warning("StreamProducerUser: no --playbus-redis-url (PLAYBUS_REDIS_URL); the stream producer stops")
             raise StopUser()
-        import redis
+        from playbus.actors.store.connect import connect
 
-        self.redis = redis.Redis.from_url(url, socket_timeout=30)
+        self.redis = connect(url, socket_timeout=30)
         self.producer = StreamProducer(self.redis, batch=self.batch)
         self._due = time.monotonic()
 

@@ -1,4 +1,5 @@
-"""DeliveryActor: the Ray edge around Deliverer; a Redis client from a URL, the delivery loop in the background.
+"""DeliveryActor: the Ray edge around Deliverer; a Redis client from a URL (one server or a Redis Cluster), the
+delivery loop in the background.
 
 The loop (asyncio, in its own thread) starts in __init__, so an actor that Ray restarts after a crash
 (max_restarts=-1) resumes delivering without anyone calling it; its predecessor's in-flight entries are
@@ -13,10 +14,10 @@ import time
 from typing import Any
 
 import ray
-import redis
 from ray.util import metrics
 
 from playbus.actors.service.delivery import Deliverer
+from playbus.actors.store.connect import connect
 from playbus.config.schema import Config
 
 __all__ = ["DeliveryActor"]
@@ -35,7 +36,7 @@ class _DeliveryActor:
         key_groups: list[int] | None = None,
         **options: Any,
     ) -> None:
-        client = redis.Redis.from_url(redis_url)
+        client = connect(redis_url)
         groups = key_groups if key_groups is not None else config.key_groups
         self._deliverer = Deliverer(client, config.targets, groups, consumer, **options)
         self._stopped = threading.Event()

@@ -1,11 +1,14 @@
 """Deliverer: actions from the key groups' outboxes to their targets, at least once, the same id every attempt.
 
 The outbox itself (streams, retry schedules, attempt counts, dead letters) is the store's (store/outbox.py);
-this is the loop around it: read what is due, attempt each delivery (webhooks over aiohttp, stream targets by
-XADD), settle the outcomes. A live deliverer renews the leases of what it holds every `claim_idle_s / 3`, so
-however long its queue or its targets' timeouts, nobody takes its entries while it lives; a dead one's
-entries are claimed by another after `claim_idle_s`. Webhooks get the outbox bytes unchanged as body, with
-`Idempotency-Key: <action id>`.
+this is the loop around it: read what is due, attempt each delivery (webhooks over aiohttp), settle the outcomes.
+Entries that are Redis writes and nothing else (actions of stream targets, and on a Redis Cluster the sends and
+rejection records the commits put in the outbox, see store/commit.py) are forwarded as they are read, in outbox
+order, never as concurrent attempts: after a failed forward, or at start, this consumer's pending ones are
+forwarded first, so that what one group sent to another arrives in the order it was committed. A live deliverer
+renews the leases of what it holds every `claim_idle_s / 3`, so however long its queue or its targets' timeouts,
+nobody takes its entries while it lives; a dead one's entries are claimed by another after `claim_idle_s`.
+Webhooks get the outbox bytes unchanged as body, with `Idempotency-Key: <action id>`.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from playbus.actors.service.errors import ServiceError
-from playbus.actors.store.outbox import GROUP, Outbox, Settlement
+from playbus.actors.store.outbox import FORWARDED, GROUP, Found, Outbox, Settlement
 from playbus.config.schema import TargetConfig
 
 __all__ = ["GROUP", "RETRY_STATUSES", "DeliveryError", "Deliverer", "backoff_delay", "signature"]
@@ -135,7 +138,9 @@ class Deliverer:
         if self.claim_idle_s <= 0:
             raise DeliveryError(f"claim_idle_s must be positive, got {claim_idle_s}")
         self.outbox = Outbox(redis_client, groups, consumer, dead_stream)
+        self._stream_targets = {g: t.stream for g, t in self.targets.items() if t.stream and not t.webhook}
         self._stats = {"delivered": 0, "retried": 0, "dead": 0, "claimed": 0}
+        self.forwarded = 0  # sends and rejection records forwarded (Redis Cluster), not counted in stats()
         self.by_target: dict[str, dict[str, int]] = {}  # gameplay -> delivered / retried / dead
         self._stop = threading.Event()
         self._recovered = False  # this consumer's own pending entries are read once, on the first poll
@@ -186,7 +191,7 @@ class Deliverer:
                 while not (stop.is_set() or self._stop.is_set()):
                     try:
                         await self._step(http, tasks)
-                    except RedisError as e:
+                    except (RedisError, RedisClusterException) as e:
                         _log.warning("delivery %s: Redis error, retrying: %s", self.consumer, e)
                         await asyncio.sleep(self.poll_s)
                 if tasks:
@@ -228,9 +233,13 @@ class Deliverer:
         self._next_renew = time.monotonic() + self.claim_idle_s / 3
 
     def _poll(self, block_ms: int | None, retries: bool, claims: bool) -> list[_Job]:
-        """Due retries, claimed idle entries, then new entries (one XREADGROUP over every outbox)."""
+        """Due retries, claimed idle entries, then new entries (one XREADGROUP over every outbox). What is only to
+        forward is forwarded here, in the order read; the rest are the jobs to attempt."""
         jobs: list[_Job] = []
+        forwards: list[Found] = []
         own = not self._recovered
+        if own and self.outbox.cluster:
+            forwards += self.outbox.pending_forwards()
         if retries or claims or own:
             now = time.monotonic()
             wall_ms = int(time.time() * 1000)
@@ -239,17 +248,55 @@ class Deliverer:
                 claim=("own" if own else "idle") if claims or own else None,
                 claim_idle_ms=int(self.claim_idle_s * 1000), count=self.batch)
             fresh = [f for f in found if (f.kg, f.entry) not in self._held]
-            jobs.extend(self._job(f.kg, f.entry, f.raw, f.attempts, f.first_ms) for f in fresh)
             self._stats["claimed"] += sum(1 for f in fresh if f.claimed)
+            self._sort(fresh, jobs, forwards)
             self._recovered = True
             if retries:
                 self._next_retry_scan = now + self.retry_scan_s
             if claims:
                 self._next_claim_scan = now + self.claim_idle_s / 2
-        new = self.outbox.read_new(self.batch, None if jobs else block_ms)
-        jobs.extend(self._job(f.kg, f.entry, f.raw, 0) for f in new)
+        new = self.outbox.read_new(self.batch, None if jobs or forwards else block_ms)
+        self._sort(new, jobs, forwards)
+        if forwards:
+            self._forward(forwards)
         self._held.update((j.kg, j.entry) for j in jobs)
         return jobs
+
+    def _sort(self, found: Iterable[Found], jobs: list[_Job], forwards: list[Found]) -> None:
+        """Entries to attempt (webhook actions, and whatever cannot be read: dead-lettered by its attempt) into
+        `jobs`; entries that are Redis writes into `forwards`."""
+        for f in found:
+            if f.kind in FORWARDED:
+                forwards.append(f)
+                continue
+            job = self._job(f.kg, f.entry, f.raw, f.attempts, f.first_ms)
+            if not job.error and job.gameplay in self._stream_targets:
+                forwards.append(f)
+            else:
+                jobs.append(job)
+
+    def _forward(self, forwards: list[Found]) -> None:
+        """Forward in the order read (each entry once, though a recovery may have read it twice). On a failure the
+        entries stay pending and this consumer's pending forwards are read again first at the next poll."""
+        seen: set[tuple[int, str]] = set()
+        todo = []
+        for f in forwards:
+            if (f.kg, f.entry) not in seen:
+                seen.add((f.kg, f.entry))
+                todo.append(f)
+        try:
+            self.outbox.forward(todo, self._stream_targets)
+        except Exception:
+            self._recovered = False
+            raise
+        for f in todo:
+            if f.kind in FORWARDED:
+                self.forwarded += 1
+            else:
+                gameplay = self._job(f.kg, f.entry, f.raw, 0).gameplay
+                counts = self.by_target.setdefault(gameplay, {"delivered": 0, "retried": 0, "dead": 0})
+                counts["delivered"] += 1
+                self._stats["delivered"] += 1
 
     def _job(self, kg: int, entry_id: str, body: bytes, attempts: int, first_ms: int = 0) -> _Job:
         try:

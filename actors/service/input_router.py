@@ -12,6 +12,12 @@ with the reason.
 
 Earlier versions read with a consumer group (`playbus`) and deleted each entry once routed; what such a router left
 in the stream is exactly what it had not routed yet, so without an offset the router starts at the beginning.
+
+On a Redis Cluster `playbus:in`, its offset and the partitions are in different slots, so routing a batch is no
+transaction: the record batches and rejections are added first, then the offset is moved, then the routed entries
+are trimmed. A router stopped in between routes those entries again: at least once, each event with its own id,
+which the target user's dedup answers `duplicate` (so each is decided once), and a user's events keep their order
+(the repeats come after the first copies). A rejection may then be recorded twice in `playbus:rejected`.
 """
 
 from __future__ import annotations
@@ -20,8 +26,7 @@ import asyncio
 import logging
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from playbus.actors.engine.events import (
     EventIn,
@@ -34,6 +39,7 @@ from playbus.actors.engine.events import (
 from playbus.actors.engine.keys import group_prefix, key_group, user_key
 from playbus.actors.service.partition_reader import MAX_EVENT, decode_entry, rejection, rejection_of
 from playbus.actors.store.commit import REJECTED_STREAM
+from playbus.actors.store.connect import connect_async, is_cluster
 
 __all__ = ["IN_OFFSET", "IN_STREAM", "REJECTED_STREAM", "InputRouter", "next_id"]
 
@@ -53,7 +59,8 @@ class InputRouter:
     """Routes `playbus:in` into the partitions of `key_groups` groups until `stop` is set."""
 
     def __init__(self, redis_url: str, key_groups: int, count: int = 2000, block_ms: int = 100) -> None:
-        self.client = aioredis.Redis.from_url(redis_url, socket_timeout=30)
+        self.client = connect_async(redis_url, socket_timeout=30)
+        self.cluster = is_cluster(redis_url)
         # XREAD answers as Redis sends it (lists of [id, [field, value, ...]]): redis-py's own parsing makes a dict
         # per entry, which was a tenth of the router's CPU.
         self.client.set_response_callback("XREAD", lambda response, **_: response)
@@ -73,14 +80,23 @@ class InputRouter:
                     if self.offset is None:
                         await self._retire_group()
                         self.offset = b"0-0"
-                resp: Any = await self.client.xread({IN_STREAM: self.offset}, count=self.count, block=self.block_ms)
+                resp: Any = await self._read()
                 if resp:  # [[stream, entries]] (RESP2), {stream: entries} (RESP3)
                     await self.route(next(iter(resp.values())) if isinstance(resp, dict) else resp[0][1])
-            except (OSError, RedisError) as e:
+            except (OSError, RedisError, RedisClusterException) as e:
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.warning("input router: redis unavailable (%s); retrying", e)
                 self.offset = None  # read the committed offset again: what was not routed is read again, in order
                 await asyncio.sleep(0.5)
+
+    async def _read(self) -> Any:
+        if not self.cluster:
+            return await self.client.xread({IN_STREAM: self.offset}, count=self.count, block=self.block_ms)
+        # XREAD's keys cannot be read off its arguments cheaply (redis-py would ask the server each time): route it
+        await self.client.initialize()
+        return await self.client.execute_command("XREAD", "COUNT", self.count, "BLOCK", self.block_ms, "STREAMS",
+                                                 IN_STREAM, self.offset,
+                                                 target_nodes=self.client.get_node_from_key(IN_STREAM))
 
     async def _retire_group(self) -> None:
         """Drop the consumer group of an earlier version's router (what it left in the stream is unrouted)."""
@@ -124,14 +140,19 @@ class InputRouter:
                 by_group.setdefault(key_group(user_key(e.campaign, e.user), n), []).append(encode_event(e))
                 routed += 1
         last = entries[-1][0]
-        pipe = self.client.pipeline(transaction=True)
+        pipe = self.client.pipeline(transaction=not self.cluster)
         for kg, group_events in by_group.items():
             pipe.xadd(group_prefix(kg) + "in", {"events": msgpack_array(group_events)})
         for record in rejected:
             pipe.xadd(REJECTED_STREAM, {"rejected": record})
-        pipe.set(IN_OFFSET, last)
-        pipe.xtrim(IN_STREAM, minid=next_id(last), approximate=False)
-        await pipe.execute()
+        if self.cluster:  # three slots: add, then move the offset, then trim (see the module doc)
+            await pipe.execute()
+            await self.client.set(IN_OFFSET, last)
+            await self.client.xtrim(IN_STREAM, minid=next_id(last), approximate=False)
+        else:
+            pipe.set(IN_OFFSET, last)
+            pipe.xtrim(IN_STREAM, minid=next_id(last), approximate=False)
+            await pipe.execute()
         self.offset = last
         self.stats["routed"] += routed
         self.stats["rejected"] += len(rejected)

@@ -12,6 +12,10 @@ point re-reads exactly what was not committed (consume, decide and commit are on
 are committed to `playbus:rejected` with the batch that consumes them. A chunk whose processing keeps failing for
 a reason other than an outage is read again one entry at a time, and an entry that still fails POISON_AFTER
 times alone is rejected, so that the entries behind it go on.
+
+On a Redis Cluster one XREAD over the partitions of several groups is refused (their slots differ): each poll is
+one non-blocking XREAD per idle group, pipelined (a round trip per node), and a poll that finds nothing waits
+`block_ms`, doubling up to IDLE_MAX_MS while the partitions stay empty.
 """
 
 from __future__ import annotations
@@ -23,8 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from playbus.actors.engine.errors import PlaybusError
 from playbus.actors.engine.events import (
@@ -36,6 +39,8 @@ from playbus.actors.engine.events import (
     is_msgpack_map,
 )
 from playbus.actors.engine.keys import group_prefix, key_group, user_key
+from playbus.actors.store.connect import connect_async, is_cluster
+from playbus.actors.store.slots import Cmd, aexecute
 
 __all__ = ["MAX_EVENT", "POISON_AFTER", "PartitionReader", "decode_entry", "is_transient", "rejection",
            "rejection_of"]
@@ -45,12 +50,14 @@ POISON_AFTER = 3
 MAX_REJECTION = 262_144  # bytes of one playbus:rejected record
 MAX_EVENT = 64 * 1024  # one event in an entry's field "event"
 MAX_ENTRY = 20 * 1024 * 1024  # one entry: up to a record batch of 1000 events of 16 KiB data
+IDLE_MAX_MS = 50  # on a Redis Cluster, the longest wait between two polls that found nothing
 Submit = Callable[[list[Any], tuple[int, str], list[bytes]], Awaitable[list[dict[str, Any]]]]
 
 
 def is_transient(error: BaseException) -> bool:
     """An outage (Redis, a shard restarting, a timeout, a batch to retry) rather than something about the input."""
-    return isinstance(error, (OSError, TimeoutError, asyncio.TimeoutError, RedisError, PlaybusError))
+    return isinstance(error, (OSError, TimeoutError, asyncio.TimeoutError, RedisError, RedisClusterException,
+                              PlaybusError))
 
 
 def rejection(entry: str, partition: int | None, event: Any, reason: str) -> bytes:
@@ -114,7 +121,9 @@ class PartitionReader:
 
     def __init__(self, redis_url: str, groups: list[int], submit: Submit, campaigns: set[str], chunk: int = 500,
                  block_ms: int = 10, key_groups: int | None = None) -> None:
-        self.client = aioredis.Redis.from_url(redis_url, socket_timeout=30)
+        self.client = connect_async(redis_url, socket_timeout=30)
+        self.cluster = is_cluster(redis_url)
+        self._idle_ms = block_ms
         self.key_groups = key_groups  # when given, an event in another group's partition is rejected
         self.groups = sorted(groups)
         self.submit = submit
@@ -131,7 +140,14 @@ class PartitionReader:
         self.last_error = ""
 
     async def load_cursors(self) -> None:
-        values: Any = await self.client.mget([group_prefix(kg) + "offset" for kg in self.groups])
+        keys = [group_prefix(kg) + "offset" for kg in self.groups]
+        if self.cluster:  # MGET over several slots is refused
+            values: Any = await aexecute(self.client, [Cmd(("GET", k)) for k in keys])
+            for v in values:
+                if isinstance(v, Exception):
+                    raise v
+        else:
+            values = await self.client.mget(keys)
         self.cursors = {kg: (v.decode() if v else "0-0") for kg, v in zip(self.groups, values, strict=True)}
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -143,7 +159,7 @@ class PartitionReader:
                 if not self.cursors:
                     try:
                         await self.load_cursors()
-                    except (OSError, RedisError) as e:
+                    except (OSError, RedisError, RedisClusterException) as e:
                         self.last_error = f"{type(e).__name__}: {e}"
                         await asyncio.sleep(0.5)
                         continue
@@ -153,8 +169,15 @@ class PartitionReader:
                     continue
                 streams: Any = {self.keys[kg]: self.cursors[kg] for kg in idle}
                 try:
-                    got: Any = await self.client.xread(streams, count=self.chunk, block=self.block_ms)
-                except (OSError, RedisError) as e:
+                    if self.cluster:
+                        got: Any = await self._read_cluster(streams)
+                        if got:
+                            self._idle_ms = self.block_ms
+                        else:
+                            await self._wait_idle(inflight)
+                    else:
+                        got = await self.client.xread(streams, count=self.chunk, block=self.block_ms)
+                except (OSError, RedisError, RedisClusterException) as e:
                     self.last_error = f"{type(e).__name__}: {e}"
                     log.warning("partition reader: redis unavailable (%s); retrying", e)
                     await asyncio.sleep(0.5)
@@ -172,6 +195,27 @@ class PartitionReader:
             if inflight:
                 await asyncio.gather(*inflight.values(), return_exceptions=True)
             self.running = False
+
+    async def _read_cluster(self, streams: dict[str, str]) -> list[Any]:
+        """One XREAD per partition, pipelined and not blocking: [[key, entries], ...] of those with entries."""
+        cmds = [Cmd(("XREAD", "COUNT", self.chunk, "STREAMS", key, cursor), key) for key, cursor in streams.items()]
+        got: list[Any] = []
+        for r in await aexecute(self.client, cmds):
+            if isinstance(r, Exception):
+                raise r
+            if r:
+                got += r.items() if isinstance(r, dict) else r
+        return got
+
+    async def _wait_idle(self, inflight: dict[int, asyncio.Task[None]]) -> None:
+        """After a cluster poll that found nothing: wait `block_ms`, doubling while nothing comes, or until a chunk
+        in flight is done (its group may have more)."""
+        delay = self._idle_ms / 1000
+        self._idle_ms = min(max(1, self._idle_ms) * 2, IDLE_MAX_MS)
+        if inflight:
+            await asyncio.wait(list(inflight.values()), timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            await asyncio.sleep(delay)
 
     @staticmethod
     def _done_callback(inflight: dict[int, asyncio.Task[None]], kg: int) -> Callable[[asyncio.Task[None]], None]:

@@ -26,6 +26,7 @@ from playbus.actors.store.campaigns import CampaignState
 from playbus.actors.store.catalog import GENERATION as CATALOG_GENERATION
 from playbus.actors.store.catalog import ScriptCatalog
 from playbus.actors.store.commit import RedisStore
+from playbus.actors.store.connect import connect
 from playbus.actors.store.durability import check_server
 from playbus.actors.store.errors import FencedError
 from playbus.actors.store.layout import check_layout
@@ -70,7 +71,7 @@ class ShardCore:
     def __init__(self, config: Config, shard: int, redis_url: str) -> None:
         self.config = config
         self.shard = shard
-        self.client = redis.Redis.from_url(redis_url, socket_timeout=10, retry_on_timeout=True)
+        self.client = connect(redis_url, socket_timeout=10, retry_on_timeout=True)
         check_layout(self.client, config.key_groups)
         waitaof = check_server(self.client, config.durability.fsync)
         self.store = RedisStore(self.client, config.key_groups, wait_fsync_ms=5_000 if waitaof else None)

@@ -6,7 +6,8 @@ firer reads each group's due timers (every `poll_s`, soonest first) and submits 
 as `Fired` events (event time = due time). The engine decides one only while the user's state still holds that
 timer, and the unit that commits the decision removes it: a timer fires exactly once, across crashes and
 restarts, and a timer replaced or cancelled after it was read does not fire. Each group has at most one chunk of
-timers in flight, so a timer is never submitted twice at once; a chunk that fails to commit is read again.
+timers in flight, so a timer is never submitted twice at once; a chunk that fails to commit is read again. On a
+Redis Cluster the due-timers script runs once per group (a script call stays in one slot), all in one pipeline.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from playbus.actors.engine.events import Fired
 from playbus.actors.engine.keys import group_prefix
 from playbus.actors.service.partition_reader import is_transient, rejection
 from playbus.actors.store.commit import REJECTED_STREAM
+from playbus.actors.store.connect import connect_async, is_cluster
 from playbus.actors.store.scripts import lua
+from playbus.actors.store.slots import aexecute, evalsha
 
 __all__ = ["TimerFirer"]
 
@@ -42,7 +44,8 @@ class TimerFirer:
                  clock: Callable[[], float] = time.time,
                  on_fired: Callable[[list[float]], None] | None = None) -> None:
         """`on_fired`: given the lateness (ms, commit time minus due time) of the timers of each chunk fired."""
-        self.client = aioredis.Redis.from_url(redis_url, socket_timeout=30)
+        self.client = connect_async(redis_url, socket_timeout=30)
+        self.cluster = is_cluster(redis_url)
         self.groups = sorted(groups)
         self.submit = submit
         self.poll_s = poll_s
@@ -67,7 +70,7 @@ class TimerFirer:
                 if idle:
                     try:
                         due = await self._due(idle)
-                    except (OSError, RedisError) as e:
+                    except (OSError, RedisError, RedisClusterException) as e:
                         self.last_error = f"{type(e).__name__}: {e}"
                         log.warning("timer firer: redis unavailable (%s); retrying", e)
                         await _sleep_unless(stop, 0.5)
@@ -89,8 +92,16 @@ class TimerFirer:
             self.running = False
 
     async def _due(self, groups: list[int]) -> list[list[bytes]]:
-        keys = [k for kg in groups for k in self._keys[kg]]
         now_ms = int(self.clock() * 1000)
+        if self.cluster:
+            cmds = [evalsha(self._script.sha, self._keys[kg], [now_ms, self.chunk]) for kg in groups]
+            out: list[list[bytes]] = []
+            for r in await aexecute(self.client, cmds, scripts=[lua("timers_due")]):
+                if isinstance(r, Exception):
+                    raise r
+                out.append(r[0])  # the script answers a list per group given: one here
+            return out
+        keys = [k for kg in groups for k in self._keys[kg]]
         got: Any = await self._script(keys=keys, args=[now_ms, self.chunk])
         return list(got)
 
@@ -133,15 +144,23 @@ class TimerFirer:
         """Move timers whose event cannot be read (a hand-edited Redis; no commit writes such) to
         `playbus:rejected`: they could never fire, and would hold the group's other due timers back."""
         zset, events = self._keys[kg]
+        records = [rejection(tid.decode("utf-8", "replace"), kg, blob, f"timer event cannot be read: {why}")
+                   for tid, blob, why in unreadable]
+        first = self.client.pipeline(transaction=False)
+        if self.cluster:  # playbus:rejected is in another slot: first the records (at least once), then the removal
+            for record in records:
+                first.xadd(REJECTED_STREAM, {"rejected": record})
         pipe = self.client.pipeline(transaction=True)
-        for tid, blob, why in unreadable:
-            pipe.xadd(REJECTED_STREAM, {"rejected": rejection(tid.decode("utf-8", "replace"), kg, blob,
-                                                              f"timer event cannot be read: {why}")})
+        for record, (tid, _, _) in zip(records, unreadable, strict=True):
+            if not self.cluster:
+                pipe.xadd(REJECTED_STREAM, {"rejected": record})
             pipe.zrem(zset, tid)
             pipe.hdel(events, tid)
         try:
+            if self.cluster:
+                await first.execute()
             await pipe.execute()
-        except (OSError, RedisError) as e:  # read again at the next poll
+        except (OSError, RedisError, RedisClusterException) as e:  # read again at the next poll
             self.last_error = f"{type(e).__name__}: {e}"
             return
         self.stats["unreadable"] += len(unreadable)

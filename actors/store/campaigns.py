@@ -8,7 +8,9 @@ by all shards.
     playbus:{campaigns}:generation   string  bumped by every change: shards reload the state when it moves
     playbus:budget-total:{<campaign>:<name>}  string  a budget's total: the config's, plus every top-up (its
                                               counter of what no shard holds, `playbus:budget:{...}`, shares
-                                              the hash tag, so a top-up raises both in one transaction)
+                                              the hash tag, so a top-up raises both in one transaction, valid on
+                                              Redis Cluster too)
+Every transaction here stays in one slot ({campaigns}, or one budget's tag), as Redis Cluster requires.
 The running configuration is what shards decide with. At every start the file's campaigns are deployed like
 its scripts (`deploy_file`): a campaign whose document in the file differs from the one last loaded from the file
 replaces the running one (an edited file is a deploy); an unchanged one leaves whatever operators put since
@@ -107,12 +109,13 @@ class CampaignState:
         pipe.execute()
 
     def top_up(self, campaign: str, name: str, amount: int) -> int:
-        """Raise a budget's total and what no shard holds by `amount`, atomically; the new total."""
+        """Raise a budget's total and what no shard holds by `amount`, atomically (both keys share a slot); then
+        bump the generation (another slot), which only tells the shards to look again sooner; the new total."""
         pipe = self.client.pipeline(transaction=True)
         pipe.incrby(budget_total_key(campaign, name), amount)
         pipe.incrby(budget_key(campaign, name), amount)
-        pipe.incr(GENERATION)
-        total, _, _ = pipe.execute()
+        total, _ = pipe.execute()
+        self.client.incr(GENERATION)
         return int(total)
 
     def budgets(self, campaign: str, names: list[str]) -> dict[str, tuple[int, int]]:

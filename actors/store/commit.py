@@ -20,12 +20,23 @@ Key layout (the key group's hash tag keeps every key of a group in one Redis Clu
     playbus:{kg17}:failed    stream  field "entry" = failed rule run JSON, for replay (补单)
 Events that rules `send` are XADDed to the target user's input partition (field "events", one record batch per
 target group) inside the sender's unit, and a timer set, replaced, cancelled or fired changes its group's
-`timers` and `timer_events` in the unit that decided it: both are exactly once with the state (on Redis Cluster,
-where the target partition is in another slot, sends will go through the outbox). Actions of a stream target are
-XADDed to the target stream (field "action") inside the group's unit: exactly
-once with the state on a single Redis. On Redis Cluster that stream is in another slot: pass no
-`stream_targets`, and every action goes through the outbox instead (at least once, same ids). Invalid input
-events are XADDed to `playbus:rejected` inside the unit that consumes them.
+`timers` and `timer_events` in the unit that decided it: both are exactly once with the state. Actions of a
+stream target are XADDed to the target stream (field "action") inside the group's unit, and invalid input events
+to `playbus:rejected`: exactly once with the state.
+
+On a Redis Cluster (a cluster client, see store.connect) a script call may only touch keys of one slot, and every
+key of a group shares its slot (the hash tag), so each group's unit is its own call (one pipeline, split by node),
+and what lives in other slots goes through the group's outbox, written in the unit, and is forwarded by the
+delivery worker (service.delivery, store.outbox.Outbox.forward): at least once, in outbox order, the same bytes.
+    outbox field "action"    an action of a stream target (as any webhook action; forwarded to its stream)
+    outbox field "send"      msgpack [target group, record batch]: events rules sent to users of another group,
+                             forwarded to that group's input partition (a send within the group stays in the unit)
+    outbox field "rejected"  a `playbus:rejected` record, forwarded there
+A forwarded send that lands twice (the deliverer crashed between the XADD and its XACK) carries the same event id
+both times, and the target user's dedup answers the second `duplicate`: sends stay exactly once in effect, and in
+order from one sender group to one target group (the outbox is forwarded in order, and re-read from the oldest
+pending entry after a failure). Stream-target actions and rejection records are at least once, like webhooks.
+The commit's durability on a cluster is each node's own AOF policy (WAITAOF is not used: see store.durability).
 """
 
 from __future__ import annotations
@@ -42,8 +53,10 @@ from redis.exceptions import NoScriptError
 from playbus.actors.engine.decisions import Decision
 from playbus.actors.engine.events import EventIn, Fired, encode_events
 from playbus.actors.engine.keys import group_prefix, key_group, user_key
+from playbus.actors.store.connect import is_cluster_client
 from playbus.actors.store.errors import FencedError, StoreError
 from playbus.actors.store.scripts import lua
+from playbus.actors.store.slots import Cmd, execute, load_scripts
 
 __all__ = ["REJECTED_STREAM", "FencedError", "RedisStore", "StoreError", "stat_counts"]
 
@@ -121,13 +134,20 @@ class RedisStore:
         self, client: redis.Redis, key_groups: int, journal_maxlen: int = 20_000, per_group_calls: bool = False,
         wait_fsync_ms: int | None = None,
     ) -> None:
-        """`per_group_calls`: one script call per key group (Redis Cluster); else one call per commit.
-        `wait_fsync_ms`: follow every commit, in the same round trip, by WAITAOF 1 0 <ms> (Redis 7.2+), so that
-        it returns only once the commit is fsynced to the AOF."""
-        if client.connection_pool.connection_kwargs.get("decode_responses"):
+        """`per_group_calls`: one script call per key group; else one call per commit. A Redis Cluster client
+        (store.connect) always makes one call per group, and routes what lives in other slots through the outbox
+        (see the module doc). `wait_fsync_ms`: follow every commit, in the same round trip, by WAITAOF 1 0 <ms>
+        (Redis 7.2+, one server only), so that it returns only once the commit is fsynced to the AOF."""
+        self.cluster = is_cluster_client(client)
+        kwargs = client.get_connection_kwargs() if self.cluster else client.connection_pool.connection_kwargs
+        if kwargs.get("decode_responses"):
             raise ValueError("RedisStore needs a client with decode_responses=False (snapshots are bytes)")
         if key_groups < 1 or journal_maxlen < 1:
             raise ValueError("key_groups and journal_maxlen must be >= 1")
+        if self.cluster and wait_fsync_ms is not None:
+            raise ValueError("wait_fsync_ms (WAITAOF) is for one Redis server: on a Redis Cluster, set every node's "
+                             "appendfsync (store.durability)")
+        per_group_calls = per_group_calls or self.cluster
         self.client = client
         self.key_groups = key_groups
         self.journal_maxlen = journal_maxlen
@@ -229,7 +249,11 @@ class RedisStore:
         if not groups:
             return {}
         self.round_trips += 1
-        values: Any = self.client.mget([self.offset_key(kg) for kg in groups])
+        keys = [self.offset_key(kg) for kg in groups]
+        values: Any = execute(self.client, [Cmd(("GET", k)) for k in keys]) if self.cluster else self.client.mget(keys)
+        for v in values:
+            if isinstance(v, Exception):
+                raise v
         return {kg: (v.decode() if v else "0-0") for kg, v in zip(groups, values, strict=True)}
 
     def journal(self, user_key: str, limit: int = 20) -> list[dict[str, Any]]:
@@ -321,6 +345,9 @@ class RedisStore:
             ukey = user_key(entry["campaign"], entry["user"])
             (unit_of.get(ukey) or unit(ukey)).decisions.append(entry)
         targets = stream_targets or {}
+        if self.cluster and targets:  # their streams are in other slots: through the outbox (module doc)
+            webhook_gameplays = {*webhook_gameplays, *targets}
+            targets = {}
         for a in actions:
             ukey = user_key(a["campaign"], a["user"])
             u = unit_of.get(ukey) or unit(ukey)
@@ -404,8 +431,9 @@ class RedisStore:
                            p + "timer_events", p + "stats", p + "failed"]
         body: list[Any] = []
         nstreams = 0
+        rejected_to = p + "outbox" if self.cluster else REJECTED_STREAM  # another slot on a cluster: forwarded
         for key, field, values in ((p + "outbox", "action", u.outbox), (p + "failed", "entry", u.failed),
-                                   (REJECTED_STREAM, "rejected", u.rejected)):
+                                   (rejected_to, "rejected", u.rejected)):
             if values:
                 keys.append(key)
                 body += (len(keys), field, len(values), *values)
@@ -415,9 +443,17 @@ class RedisStore:
             body += (len(keys), "action", len(payloads), *payloads)
             nstreams += 1
         for target, events in u.sends.items():
+            if self.cluster and target != u.kg:  # another slot: through the outbox (module doc)
+                continue
             keys.append(self._prefix[target] + "in")
             body += (len(keys), "events", 1, encode_events(events))
             nstreams += 1
+        if self.cluster:
+            forwards = [_pack((target, encode_events(events))) for target, events in u.sends.items() if target != u.kg]
+            if forwards:
+                keys.append(p + "outbox")
+                body += (len(keys), "send", len(forwards), *forwards)
+                nstreams += 1
         journal = _pack(u.decisions) if u.decisions else ""
         recorded = encode_events(u.recorded) if u.recorded and u.decisions else ""
         args: list[Any] = [epoch, batch_id, len(u.snaps) // 2, journal, self.journal_maxlen, u.offset, nstreams,
@@ -461,6 +497,8 @@ class RedisStore:
                         raise
                     # The batch token makes a re-sent commit a no-op for the groups that did land.
         sha = self._script.sha
+        if self.cluster:
+            return self._run_cluster(sha, calls)
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
@@ -484,6 +522,14 @@ class RedisStore:
             self._load_scripts()
             todo = retry
         return results
+
+    def _run_cluster(self, sha: str, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+        """One EVALSHA per unit, pipelined over the nodes (store.slots: TRYAGAIN while the group's slot migrates is
+        sent again, NOSCRIPT loads the script on every primary); a re-sent unit is a no-op by its batch token."""
+        self.round_trips += 1
+        cmds = [Cmd(("EVALSHA", sha, len(keys), *keys, 1, len(keys), len(args), *args)) for keys, args in calls]
+        out = execute(self.client, cmds, scripts=[lua("commit")])
+        return [r if isinstance(r, Exception) else r[0] for r in out]
 
     def _evalsha_raw(self, sha: str, keys: list[Any], args: list[Any]) -> Any:
         """EVALSHA with the command packed by hiredis in one call: redis-py's own path checks every argument
@@ -512,6 +558,11 @@ class RedisStore:
             raise StoreError(f"the commit was not fsynced to the AOF within {self.wait_fsync_ms} ms ({reply!r})")
 
     def _load_scripts(self) -> None:
+        if self.cluster:
+            load_scripts(self.client, [lua("commit")])  # on every primary
+            self.round_trips += 1
+            self._loaded = True
+            return
         pipe = self.client.pipeline(transaction=False)
         pipe.script_load(lua("commit"))
         pipe.execute()

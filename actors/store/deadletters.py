@@ -16,35 +16,38 @@ and acking its outbox entry, then the action failing again) is queued once and b
 Dead letters whose action is not a JSON object with a string `id` and `type` cannot be redriven (they would only
 be dead-lettered again): they are listed, with `action` null and the stored text under `raw`, and skipped.
 
-Note: the script touches `playbus:dead` and a group's outbox together, which a Redis Cluster would refuse (they
-are in different slots); playbus runs on one Redis server (with replicas), where this is fine.
+On a Redis Cluster the dead stream and an outbox are in different slots, so no one script can do both. There a
+redrive is three steps: a script in the dead stream's slot moves the chosen dead letters' action bytes into the
+hash `{playbus:dead}:redriving` (its hash tag is the dead stream's name, hence its slot) and XDELs them, atomically,
+so two redrives at once still never take one action twice; then the actions are XADDed to their outboxes; then
+their `redriving` fields are removed. A crash between the steps leaves the action in `redriving`, never lost: a
+later redrive finishes what has waited there over LEFTOVER_S, adding it to its outbox (a second time if the crash
+came after that XADD: at least once, with the same id, as every delivery).
 """
 
 from __future__ import annotations
 
 import builtins
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from playbus.actors.engine.keys import group_prefix
+from playbus.actors.store.connect import is_cluster_client
 from playbus.actors.store.outbox import DEAD_STREAM
 
-__all__ = ["MAX_LIST", "DeadLetters"]
+__all__ = ["LEFTOVER_S", "MAX_LIST", "DeadLetters"]
 
 MAX_LIST = 1000  # dead letters listed at most per call
 _PAGE = 1000  # entries read per XRANGE / XREVRANGE call
 _BATCH = 500  # actions redriven per script call
+LEFTOVER_S = 60.0  # a Redis Cluster redrive finishes what an earlier one left in `redriving` this long ago
 
-# KEYS[1] the dead stream, KEYS[2] the outbox of one key group. ARGV: the actions to redrive, each as <n> followed
-# by the n dead-stream entry ids of its dead letters. For each action whose dead letters (any of them) are still
-# there: one XADD of the stored action bytes to the outbox, and XDEL of those dead letters. Returns the 1-based
-# positions of the actions redriven.
-_REDRIVE = """
-local out, i, pos = {}, 1, 0
-while i <= #ARGV do
-  pos = pos + 1
-  local n = tonumber(ARGV[i])
+# A Lua function both scripts share: the action bytes and the still-present dead-letter ids of one action, whose
+# n entry ids start at ARGV[i + 1].
+_COLLECT = """
+local function collect(i, n)
   local raw, found = nil, {}
   for j = i + 1, i + n do
     local e = redis.call('XRANGE', KEYS[1], ARGV[j], ARGV[j])
@@ -58,10 +61,47 @@ while i <= #ARGV do
       end
     end
   end
+  return raw, found
+end
+"""
+
+# KEYS[1] the dead stream, KEYS[2] the outbox of one key group. ARGV: the actions to redrive, each as <n> followed
+# by the n dead-stream entry ids of its dead letters. For each action whose dead letters (any of them) are still
+# there: one XADD of the stored action bytes to the outbox, and XDEL of those dead letters. Returns the 1-based
+# positions of the actions redriven.
+_REDRIVE = _COLLECT + """
+local out, i, pos = {}, 1, 0
+while i <= #ARGV do
+  pos = pos + 1
+  local n = tonumber(ARGV[i])
+  local raw, found = collect(i, n)
   if raw ~= nil then
     redis.call('XADD', KEYS[2], '*', 'action', raw)
     redis.call('XDEL', KEYS[1], unpack(found))
     out[#out + 1] = pos
+  end
+  i = i + n + 1
+end
+return out
+"""
+
+# Redis Cluster, step 1. KEYS[1] the dead stream, KEYS[2] its `redriving` hash (same slot). ARGV[1] the key group,
+# ARGV[2] now (ms), then the actions as for _REDRIVE. For each action whose dead letters are still there: HSET
+# "<group>/<first dead entry id>/<now>" -> the action bytes, and XDEL its dead letters. Returns, per action taken,
+# its 1-based position, then that field, then the bytes.
+_TAKE = _COLLECT + """
+local out, i, pos = {}, 3, 0
+while i <= #ARGV do
+  pos = pos + 1
+  local n = tonumber(ARGV[i])
+  local raw, found = collect(i, n)
+  if raw ~= nil then
+    local field = ARGV[1] .. '/' .. found[1] .. '/' .. ARGV[2]
+    redis.call('HSET', KEYS[2], field, raw)
+    redis.call('XDEL', KEYS[1], unpack(found))
+    out[#out + 1] = pos
+    out[#out + 1] = field
+    out[#out + 1] = raw
   end
   i = i + n + 1
 end
@@ -102,7 +142,10 @@ class DeadLetters:
     def __init__(self, client: Any, dead_stream: str = DEAD_STREAM) -> None:
         self.client = client
         self.dead_stream = dead_stream
+        self.redriving = "{" + dead_stream + "}:redriving"  # in the dead stream's slot (its whole name is the tag)
+        self.cluster = is_cluster_client(client)
         self._redrive = client.register_script(_REDRIVE)
+        self._take = client.register_script(_TAKE)
 
     # -- reading ----------------------------------------------------------------------------------
     def _entries(self, newest_first: bool) -> Iterator[dict[str, Any]]:
@@ -181,6 +224,8 @@ class DeadLetters:
         for aid, (kg, entries) in chosen.items():
             by_kg.setdefault(kg, []).append((aid, entries))
         done: set[str] = set()
+        if self.cluster:
+            self._finish_leftovers()
         for kg, items in sorted(by_kg.items()):
             outbox = group_prefix(kg) + "outbox"
             for i in range(0, len(items), _BATCH):
@@ -189,8 +234,37 @@ class DeadLetters:
                 for _, entries in batch:
                     args.append(str(len(entries)))
                     args.extend(entries)
-                for pos in self._redrive(keys=[self.dead_stream, outbox], args=args):
+                if self.cluster:
+                    positions = self._redrive_cluster(kg, args)
+                else:
+                    positions = self._redrive(keys=[self.dead_stream, outbox], args=args)
+                for pos in positions:
                     done.add(batch[int(pos) - 1][0])
         redriven = [aid for aid in chosen if aid in done]  # oldest dead letter first
         not_found: builtins.list[str] = [aid for aid in wanted if aid not in done] if wanted is not None else []
         return {"redriven": len(redriven), "ids": redriven, "not_found": not_found}
+
+    # -- Redis Cluster ----------------------------------------------------------------------------
+    def _redrive_cluster(self, kg: int, args: builtins.list[str]) -> builtins.list[int]:
+        """The three steps of a redrive on a Redis Cluster (see the module doc); the positions redriven."""
+        got = self._take(keys=[self.dead_stream, self.redriving], args=[kg, int(time.time() * 1000), *args])
+        taken = [(int(got[i]), got[i + 1], got[i + 2]) for i in range(0, len(got), 3)]
+        if taken:
+            self._requeue({field: raw for _, field, raw in taken})
+        return [pos for pos, _, _ in taken]
+
+    def _requeue(self, fields: dict[Any, Any]) -> None:
+        """XADD each action (field "<group>/<entry>/<ms>" -> its bytes) to its group's outbox, then HDEL the fields."""
+        pipe = self.client.pipeline(transaction=False)
+        for field, raw in fields.items():
+            pipe.xadd(group_prefix(int(_text(field).split("/", 1)[0])) + "outbox", {"action": raw})
+        pipe.execute()
+        self.client.hdel(self.redriving, *fields)
+
+    def _finish_leftovers(self) -> None:
+        """Queue what a redrive stopped half-way (over LEFTOVER_S ago) left in `redriving`."""
+        raw: Any = self.client.hgetall(self.redriving)
+        cutoff = (time.time() - LEFTOVER_S) * 1000
+        old = {f: v for f, v in raw.items() if int(_text(f).rsplit("/", 1)[1]) < cutoff}
+        if old:
+            self._requeue(old)

@@ -5,12 +5,17 @@
   which returns once the commit is fsynced to the local AOF.
 - Redis 7.0 (this machine's) has no WAITAOF; there `appendonly yes` with `appendfsync always` gives the same
   guarantee (Redis fsyncs the AOF before it replies), and a server set otherwise is refused.
+- A Redis Cluster: every primary is checked. WAITAOF is not used there (it must follow the commit on the same
+  connection, and a commit is one call per group, on the groups' nodes): with `fsync: always` every primary must
+  run `appendonly yes` and `appendfsync always`, whatever its version. (A replica promoted after a failover has
+  what it had received: as with any Redis replication, the last writes before a primary's loss may be lost.)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from playbus.actors.store.connect import is_cluster_client
 from playbus.actors.store.errors import StoreError
 
 __all__ = ["RedisSettingsError", "check_server", "server_version"]
@@ -33,7 +38,18 @@ def _config(client: Any, name: str) -> str:
 
 def check_server(client: Any, fsync: str = "everysec") -> bool:
     """Raise RedisSettingsError for a server playbus cannot rely on; True when commits must be followed by
-    WAITAOF (fsync "always" on Redis 7.2+)."""
+    WAITAOF (fsync "always" on Redis 7.2+, one server). On a Redis Cluster, checks every primary (False)."""
+    if is_cluster_client(client):
+        for node in client.get_primaries():
+            try:
+                _check_node(client.get_redis_connection(node), fsync, cluster=True)
+            except RedisSettingsError as e:
+                raise RedisSettingsError(f"redis cluster node {node.name}: {e}") from None
+        return False
+    return _check_node(client, fsync, cluster=False)
+
+
+def _check_node(client: Any, fsync: str, cluster: bool) -> bool:
     policy = _config(client, "maxmemory-policy")
     if policy and policy != "noeviction":
         raise RedisSettingsError(
@@ -42,6 +58,12 @@ def check_server(client: Any, fsync: str = "everysec") -> bool:
     if fsync != "always":
         return False
     aof, every = _config(client, "appendonly"), _config(client, "appendfsync")
+    if cluster and (aof != "yes" or every != "always"):
+        raise RedisSettingsError(
+            f"durability.fsync is 'always', but this node runs with appendonly {aof!r}, appendfsync {every!r}: on a "
+            f"Redis Cluster every primary must run appendonly yes and appendfsync always (WAITAOF is not used there)")
+    if cluster:
+        return False
     if server_version(client) >= (7, 2):
         if aof != "yes":
             raise RedisSettingsError("durability.fsync is 'always', but this Redis runs with appendonly "

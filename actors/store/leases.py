@@ -25,7 +25,9 @@ from typing import Any
 
 import redis
 
+from playbus.actors.store.connect import is_cluster_client
 from playbus.actors.store.scripts import lua
+from playbus.actors.store.slots import evalsha, execute
 from playbus.config.schema import CampaignConfig, Config
 
 __all__ = ["LeasedBudgets", "budget_key"]
@@ -134,21 +136,35 @@ class LeasedBudgets:
         keys = list(needs)
         if not keys:
             return False
-        pipe = self.client.pipeline(transaction=False)
+        calls: list[tuple[list[str], list[Any]]] = []
         for k in keys:
             need = max(0, needs[k])
-            self._lease(keys=[self.keys[k]], args=[max(need + self.blocks[k], self.blocks[k]), need, self.spread],
-                        client=pipe)
+            calls.append(([self.keys[k]], [max(need + self.blocks[k], self.blocks[k]), need, self.spread]))
         self.round_trips += 1
+        if is_cluster_client(self.client):  # each budget's counter in its own slot: store.slots runs the calls
+            answers: list[Any] = execute(self.client, [evalsha(self._lease.sha, ks, a) for ks, a in calls],
+                                         scripts=[lua("lease")])
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for ks, a in calls:
+                self._lease(keys=ks, args=a, client=pipe)
+            answers = pipe.execute()
         grew = False
         now = time.monotonic()
-        for k, (taken, left) in zip(keys, pipe.execute(), strict=True):
+        error: Exception | None = None
+        for k, answer in zip(keys, answers, strict=True):
+            if isinstance(answer, Exception):  # what the other budgets gave is kept
+                error = error or answer
+                continue
+            taken, left = answer
             self.leased[k] += int(taken)
             grew = grew or int(taken) > 0
             if int(left) <= 0:  # Redis has nothing more: what the lease cannot cover is refused
                 self.exhausted[k] = now
             else:
                 self.exhausted.pop(k, None)
+        if error is not None:
+            raise error
         return grew
 
     def release(self) -> dict[_Key, int]:

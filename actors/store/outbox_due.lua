@@ -1,7 +1,7 @@
 -- Due retries of one key group's outbox (after outbox_entry.lua).
 -- KEYS: retry zset, outbox, attempts. ARGV: now ms, lease-until ms, limit.
 -- Due entries are re-scored to the lease end (not removed): a deliverer dying mid-try only delays them.
--- Returns {entry id, action or "", attempts (see outbox_entry.lua)}; entries gone from the outbox are dropped from the zset.
+-- Returns {entry id, payload, attempts, kind} (see outbox_entry.lua); entries gone from the outbox are dropped from the zset.
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {}
 for _, id in ipairs(due) do

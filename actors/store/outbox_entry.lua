@@ -1,12 +1,21 @@
--- Shared by outbox_due.lua and outbox_claim.lua: one outbox entry as {entry id, action JSON or "", attempts},
--- attempts being the attempts hash's value for the action ("<failures>:<first attempt ms>") or "".
+-- Shared by outbox_due.lua and outbox_claim.lua: one outbox entry as {entry id, payload or "", attempts, kind}:
+-- kind is the entry's field ("action": an action JSON; on a Redis Cluster also "send" or "rejected", entries the
+-- deliverer forwards, see store/commit.py), payload its value, attempts the attempts hash's value for an action
+-- ("<failures>:<first attempt ms>") or "".
 local function _entry(e, attempts_key)
-  local f, action = e[2], ''
-  for i = 1, #f, 2 do if f[i] == 'action' then action = f[i + 1] end end
-  local ok, obj = pcall(cjson.decode, action)
-  local n = ''
-  if ok and type(obj) == 'table' and type(obj.id) == 'string' then
-    n = redis.call('HGET', attempts_key, obj.id) or ''
+  local f, kind, payload = e[2], 'action', ''
+  for i = 1, #f, 2 do
+    if f[i] == 'action' or f[i] == 'send' or f[i] == 'rejected' then
+      kind, payload = f[i], f[i + 1]
+      break
+    end
   end
-  return {e[1], action, n}
+  local n = ''
+  if kind == 'action' then
+    local ok, obj = pcall(cjson.decode, payload)
+    if ok and type(obj) == 'table' and type(obj.id) == 'string' then
+      n = redis.call('HGET', attempts_key, obj.id) or ''
+    end
+  end
+  return {e[1], payload, n, kind}
 end
