@@ -13,12 +13,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+from redis.exceptions import ResponseError
 
 from playbus.actors.store.connect import is_cluster_client
 from playbus.actors.store.errors import StoreError
 
 __all__ = ["RedisSettingsError", "check_server", "server_version"]
+
+log = logging.getLogger("playbus.store")
 
 
 class RedisSettingsError(StoreError):
@@ -30,8 +35,13 @@ def server_version(client: Any) -> tuple[int, ...]:
     return tuple(int(x) for x in str(info.get("redis_version", "0")).split(".")[:3] if x.isdigit())
 
 
-def _config(client: Any, name: str) -> str:
-    got = client.config_get(name)
+def _config(client: Any, name: str) -> str | None:
+    """A setting, or None when the server refuses CONFIG (managed services: ElastiCache, Memorystore, ...)."""
+    try:
+        got = client.config_get(name)
+    except ResponseError as e:  # "unknown command" (renamed or disabled), NOPERM
+        log.debug("CONFIG GET %s refused: %s", name, e)
+        return None
     value = got.get(name, got.get(name.encode(), b"")) if isinstance(got, dict) else b""
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -51,6 +61,13 @@ def check_server(client: Any, fsync: str = "everysec") -> bool:
 
 def _check_node(client: Any, fsync: str, cluster: bool) -> bool:
     policy = _config(client, "maxmemory-policy")
+    if policy is None:
+        # A managed Redis that hides CONFIG: its settings are the provider's parameter group; say what they must be.
+        log.warning("redis refuses CONFIG GET (a managed service?): its settings cannot be checked here. playbus "
+                    "needs maxmemory-policy noeviction%s; set them in the service's parameters",
+                    ", and appendonly yes with appendfsync always (durability.fsync: always)" if fsync == "always"
+                    else "")
+        return not cluster and fsync == "always" and server_version(client) >= (7, 2)
     if policy and policy != "noeviction":
         raise RedisSettingsError(
             f"redis: maxmemory-policy is {policy!r}, which lets Redis evict keys (a user's context, a dedup id, "

@@ -125,6 +125,22 @@ def test_a_shard_refuses_to_start_on_data_of_another_key_groups(redis_server: Re
         ShardCore(config, 0, redis_server.url)
 
 
+def test_a_managed_redis_that_hides_config_is_used_with_a_warning(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """ElastiCache, Memorystore and others refuse CONFIG: playbus starts and says what the settings must be."""
+    server = RedisServer(tmp_path, extra_args=["--rename-command", "CONFIG", ""]).start()
+    try:
+        client = server.client()
+        with pytest.raises(Exception, match="unknown command"):
+            client.config_get("maxmemory-policy")
+        assert check_server(client, "everysec") is False
+        assert check_server(client, "always") is False  # Redis 7.0: no WAITAOF
+        assert "maxmemory-policy noeviction, and appendonly yes with appendfsync always" in caplog.text
+        client.close()
+    finally:
+        server.stop()
+
+
 def test_a_redis_that_may_evict_keys_is_refused(clean_redis: Any) -> None:
     assert check_server(clean_redis) is False
     clean_redis.config_set("maxmemory-policy", "allkeys-lru")
