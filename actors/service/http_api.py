@@ -22,6 +22,7 @@ from playbus.actors.engine.state import decode_snapshot, pending_timers
 from playbus.actors.service.admin import AdminApi
 from playbus.actors.service.admin_campaigns import CampaignAdmin
 from playbus.actors.service.admin_shards import ShardAdmin
+from playbus.actors.service.api_docs import ApiDocs
 from playbus.actors.service.replies import MAX_BODY, MAX_EVENTS, Response, error, reply
 from playbus.actors.service.router import Router
 from playbus.actors.store.audit import AuditLog
@@ -71,6 +72,7 @@ class IngressCore:
         self.admin = AdminApi(config, catalog, call_shard, audit, CampaignAdmin(config, self.client, call_shard, audit,
                                                                                catalog, self.router),
                               self.router, ShardAdmin(self.shard_map, audit))
+        self.docs = ApiDocs(config.key_groups)  # /openapi.json and /docs, without a token
         self.max_inflight = max_inflight
         self.inflight = 0
 
@@ -109,11 +111,15 @@ class IngressCore:
             return await self._dispatch(method, path, query, headers, body)
         except ScriptError as e:
             return error(422, str(e))
+        except RecursionError:  # a JSON body nested deeper than the parsers go ("[[[[..."): the client's input
+            return error(400, "body is not valid JSON: nested too deeply")
         except Exception as e:  # noqa: BLE001 - a server fault, never the client's input
             log.exception("ingress: %s %s failed", method, path)
             return error(503, f"temporarily unavailable: {type(e).__name__}: {e}", {"retry-after": "1"})
 
     async def _dispatch(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes) -> Response:
+        if self.docs.serves(path):
+            return self.docs.handle(method, path)
         await self._look_at_map()
         if path == "/v1/events":
             if method != "POST":
@@ -203,6 +209,15 @@ class IngressCore:
                 return {"shard": i, "ok": False, "problems": [f"no answer: {type(e).__name__}: {e}"[:300]]}
 
         shards = await asyncio.gather(*(shard(i) for i in range(self.router.shards)))
+        if not all(s.get("ok", False) for s in shards):
+            # A rescale to fewer shards may have ended some of them meanwhile: report the shards of the map as it
+            # is now (an ended shard is no longer part of the cluster, and its silence is not a fault).
+            try:
+                await self.refresh_map()
+            except Exception as e:  # noqa: BLE001 - the map cannot be read (Redis down): the shards say so too
+                log.warning("healthz: cannot read the shard map: %s", e)
+            else:
+                shards = shards[:self.router.shards]
         components = await self.components() if self.components is not None else {}
         ok = all(s.get("ok", False) for s in shards) and all(c.get("ok", False) for c in components.values())
         return reply(200 if ok else 503, {"ok": ok, "shards": shards, "components": components},

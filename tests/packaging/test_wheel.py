@@ -104,6 +104,11 @@ def test_run_cluster_from_the_wheel_serves_events(server_venv: tuple[Path, Path]
         assert reply["results"][0]["actions"][0]["type"] == "lottery.grant_chance"
         status, ctx = http_get(cluster.host, cluster.port, "/v1/campaigns/spring2026/users/u1/context")
         assert status == 200 and json.loads(ctx)["context"] == {"quiz.answered": 1}
+        # the described API, and its rendered reference with Swagger UI's files from the installed dependency
+        status, spec = http_get(cluster.host, cluster.port, "/openapi.json")
+        assert status == 200 and json.loads(spec)["openapi"].startswith("3.1")
+        status, js = http_get(cluster.host, cluster.port, "/docs/assets/swagger-ui-bundle.js")
+        assert status == 200 and b"SwaggerUIBundle" in js
     assert cluster.stop_report is not None and cluster.stop_report.ok, cluster.stop_report
 
 
