@@ -1,10 +1,10 @@
-# playbus: make run | make test | make lint | make bench | make loadtest | make soak
+# playbus: make run | make test | make lint | make bench | make loadtest | make soak | make soak-nodes
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint bench loadtest soak clean
+.PHONY: run test test-fast lint bench loadtest soak soak-nodes clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,11 @@ loadtest: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python -m playbus.loadtest.soak
+	$(BIN)/python -m playbus.loadtest.multinode_soak
+
+# Ray nodes lost under load (a head and worker nodes on this machine, killed or frozen in turn): takeover times.
+soak-nodes: $(STAMP)
+	$(BIN)/python -m playbus.loadtest.multinode_soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

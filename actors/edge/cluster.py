@@ -31,7 +31,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", help="campaign config (default: config/example.yaml here, else the packaged example)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: %(default)s)")
-    p.add_argument("--redis", help="Redis URL; default: start an embedded redis-server")
+    p.add_argument("--redis", help="Redis URL (redis://host:port/db), or a Redis Cluster (redis+cluster://host:port"
+                                   "[,host:port...]); default: start an embedded redis-server")
     p.add_argument("--redis-dir", default="var/redis", help="data folder of the embedded Redis (default: %(default)s)")
     p.add_argument("--address", help="address of an existing Ray cluster (default: start Ray locally)")
     p.add_argument("--shards", type=int, help="number of shards (overrides the config's 'shards')")
@@ -63,6 +64,16 @@ def serve_env(port: int, direct: bool) -> dict[str, str]:
     }
 
 
+def _actor_exists(name: str, namespace: str = NAMESPACE) -> bool:
+    import ray
+
+    try:
+        ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    return True
+
+
 class Cluster:
     """Everything run_cluster starts, in start order, so that stop() can undo it in reverse."""
 
@@ -75,6 +86,7 @@ class Cluster:
         self.router: Any = None
         self.delivery: Any = None
         self.serve_started = False
+        self.serve_ours = False  # this run started the Serve instance (on a shared cluster: stop() ends it)
         self.ray_started = False
         self.silent: dict[int, int] = {}  # shard -> health calls it has not answered in a row
 
@@ -122,16 +134,27 @@ class Cluster:
         self.ray_started = True
 
         from playbus.actors.edge.delivery_actor import DeliveryActor
+        from playbus.actors.edge.placement import alive_nodes, driver_node, pinned_to
         from playbus.actors.edge.router_actor import InputRouterActor
         from playbus.actors.edge.serve_app import Ingress
 
+        if self.args.address:
+            self._wait_for_leftovers()
+            self._prepare_serve()
+        nodes, here = alive_nodes(), driver_node()
+        if not self.args.redis and {n["NodeManagerAddress"] for n in nodes} != \
+                {n["NodeManagerAddress"] for n in nodes if n["NodeID"] == here}:
+            raise SystemExit("playbus: the Ray cluster has nodes on other machines, which cannot reach the embedded "
+                             "Redis (it listens on 127.0.0.1): give them one with --redis URL")
+        print(f"playbus: Ray cluster of {len(nodes)} node(s); the ingress, the input router and delivery run on "
+              f"this driver's node {here}, the shards spread over the nodes", flush=True)
         print(f"playbus: starting {config.shards} shards over {config.key_groups} key groups", flush=True)
         self.config, self.redis_url = config, redis_url
         self.shards = [self._make_shard(i) for i in range(config.shards)]
-        ray.get([s.start.remote() for s in self.shards])  # each reads its input partitions
-        self.delivery = DeliveryActor.options(name="playbus-delivery").remote(redis_url, config)
-        self.router = InputRouterActor.options(name="playbus-router").remote(config, redis_url)
-        ray.get(self.router.start.remote())
+        self.delivery = DeliveryActor.options(name="playbus-delivery", **pinned_to(here)).remote(redis_url, config)
+        self.router = InputRouterActor.options(name="playbus-router", **pinned_to(here)).remote(config, redis_url)
+        # All of them start at once (each a worker process to spawn); each shard reads its input partitions.
+        ray.get([s.start.remote() for s in self.shards] + [self.router.start.remote()])
         if direct:
             from playbus.actors.store.server import free_port
 
@@ -142,7 +165,9 @@ class Cluster:
             serve.start(http_options={"host": self.args.host, "port": self.args.port})
         self.serve_started = True
         components = {"input_router": self.router, "delivery": self.delivery}
-        app = Ingress.bind(config, self.shards, redis_url, components)  # type: ignore[attr-defined]
+        # The replica listens on the port (direct ingress) of the node it runs on: this driver's, as printed.
+        app = Ingress.options(ray_actor_options=pinned_to(here)).bind(  # type: ignore[attr-defined]
+            config, self.shards, redis_url, components)
         serve.run(app, name="playbus", route_prefix="/")
         url = f"http://{self.args.host}:{self.args.port}"
         print(f"playbus: listening on {url}  (POST {url}/v1/events, GET {url}/healthz; "
@@ -153,19 +178,61 @@ class Cluster:
     def _make_shard(self, i: int) -> Any:
         """A new shard actor of index i (at the start, and when a rescale adds shards)."""
         from playbus.actors.edge.names import shard_name
+        from playbus.actors.edge.placement import shard_options
         from playbus.actors.edge.shard_actor import UserActivityActor
 
-        return UserActivityActor.options(name=shard_name(i)).remote(self.config, i, self.redis_url)
+        return UserActivityActor.options(name=shard_name(i), **shard_options(i)).remote(self.config, i, self.redis_url)
+
+    def _wait_for_leftovers(self, timeout_s: float = 20.0) -> None:
+        """On a shared Ray cluster: wait until the actors of an earlier run_cluster are gone (a stop kills them, a
+        crashed driver's are ended by Ray, either a moment later); refuse to start beside a playbus that runs."""
+        import time
+
+        import ray
+
+        from playbus.actors.edge.names import shard_name
+
+        names = [shard_name(0), "playbus-router", "playbus-delivery"]
+        deadline = time.monotonic() + timeout_s
+        while left := [n for n in names if _actor_exists(n)]:
+            if time.monotonic() > deadline:
+                ray.shutdown()
+                self.ray_started = False  # not ours: stop() must leave them alone
+                raise SystemExit(f"playbus: another playbus runs on this Ray cluster (its actors {', '.join(left)} "
+                                 f"are alive in namespace {NAMESPACE!r}): stop it first")
+            time.sleep(0.5)
+
+    def _prepare_serve(self) -> None:
+        """A Serve instance outlives the driver that started it (its controller is detached) and keeps that job's
+        settings: with direct ingress, the port its replicas listen on came from that job's environment, so a
+        second run_cluster with another --port served on the first one's port. When the instance runs nothing but
+        playbus (left by an earlier run), shut it down, so that serve.start() starts it with our settings; when it
+        runs other applications, which that would take down, refuse."""
+        from ray import serve
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        if not _actor_exists(SERVE_CONTROLLER_NAME, SERVE_NAMESPACE):
+            self.serve_ours = True
+            return
+        others = sorted(set(serve.status().applications) - {"playbus"})
+        if others:
+            raise SystemExit(f"playbus: Ray Serve on this cluster runs other applications ({', '.join(others)}); "
+                             f"its HTTP ports were set by the job that started it, so playbus cannot serve on port "
+                             f"{self.args.port} there. Run playbus on a Ray cluster of its own, or stop them "
+                             "(`serve shutdown`) first")
+        print("playbus: shutting down the Ray Serve instance left by an earlier run (it keeps that run's ports), "
+              "to start it with ours", flush=True)
+        serve.shutdown()  # type: ignore[no-untyped-call]
+        self.serve_ours = True
 
     def rescale_if_asked(self) -> None:
         """Run the rescale that POST /v1/shards asked for (the shard map's target), if any; blocking."""
-        import redis
-
         from playbus.actors.edge.rescale import RayShardControl
         from playbus.actors.service.rescale import Rescaler
+        from playbus.actors.store.connect import connect
         from playbus.actors.store.shardmap import ShardMap
 
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=10)
+        client = connect(self.redis_url, socket_timeout=10)
         try:
             shard_map = ShardMap(client, self.config.key_groups)
             layout = shard_map.read()
@@ -184,12 +251,13 @@ class Cluster:
 
         from playbus.actors.service.shard import deploy_scripts
         from playbus.actors.store.catalog import ScriptCatalog
+        from playbus.actors.store.connect import connect
         from playbus.actors.store.durability import check_server
         from playbus.actors.store.errors import StoreError
         from playbus.actors.store.layout import check_layout
         from playbus.actors.store.shardmap import ShardMap
 
-        client = redis.Redis.from_url(redis_url, socket_timeout=10)
+        client = connect(redis_url, socket_timeout=10)
         try:
             check_server(client, config.durability.fsync)
             check_layout(client, config.key_groups)
@@ -265,7 +333,12 @@ class Cluster:
                 from ray import serve
 
                 try:
-                    serve.delete("playbus")
+                    if self.serve_started:
+                        serve.delete("playbus")
+                    # The Serve instance we started, unless another job deployed on it meanwhile: the next run
+                    # starts one with its own settings (see _prepare_serve).
+                    if self.serve_ours and not set(serve.status().applications) - {"playbus"}:
+                        serve.shutdown()  # type: ignore[no-untyped-call]
                 except Exception as e:  # noqa: BLE001
                     log.warning("serve delete: %s", e)
                 for a in [*self.shards, self.router, self.delivery]:

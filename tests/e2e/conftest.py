@@ -38,6 +38,15 @@ function decide(event, ctx)
 end
 """
 
+# Version 2 of first_quiz: visibly different (2 chances, and it marks the context).
+FIRST_QUIZ_V2 = """\
+function decide(event, ctx)
+  local n = ctx:incr("quiz.answered", 1)
+  ctx:set("quiz.script", "v2")
+  if n == 1 then emit("lottery.grant_chance", {chances = 2}) end
+end
+"""
+
 CHECKIN_V1 = """\
 function decide(event, ctx)
   ctx:incr("checkin.count", 1)

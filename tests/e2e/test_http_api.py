@@ -28,6 +28,7 @@ from tests.e2e.conftest import (
     CAMPAIGN,
     CREDITED,
     FIRST_QUIZ_V1,
+    FIRST_QUIZ_V2,
     LOTTERY,
     OPS_TOKEN,
     T0,
@@ -43,15 +44,6 @@ RESULT_KEYS = {"id", "status", "actions", "errors"}
 ACTION_KEYS = {"id", "type", "campaign", "user", "params", "cause", "rule", "script_version"}
 DECISION_KEYS = {"event", "ts", "rule", "script_version", "actions", "changes", "error"}
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-
-# Version 2 of first_quiz: visibly different (2 chances, and it marks the context).
-FIRST_QUIZ_V2 = """\
-function decide(event, ctx)
-  local n = ctx:incr("quiz.answered", 1)
-  ctx:set("quiz.script", "v2")
-  if n == 1 then emit("lottery.grant_chance", {chances = 2}) end
-end
-"""
 
 
 def chance(user: str, eid: str, chances: int = 1, version: int = 1) -> dict[str, Any]:

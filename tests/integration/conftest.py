@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from playbus.actors.store.cluster_server import LocalRedisCluster
 from playbus.actors.store.server import RedisServer
 
 
@@ -18,15 +17,6 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
-    """A private Redis Cluster for the test module: three masters (AOF on) on free ports, torn down after."""
-    rc = LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster"), masters=3)
-    rc.start()
-    yield rc
-    rc.cleanup()
 
 
 @pytest.fixture(scope="module")
