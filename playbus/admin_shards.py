@@ -24,13 +24,17 @@ def add_shards_parser(sub: Any) -> None:
     sc.add_argument("--no-wait", action="store_true", help="return once the rescale is asked for")
 
 
+def _shards(n: int) -> str:
+    return f"{n} shard" + ("" if n == 1 else "s")
+
+
 def _show(res: dict[str, Any], out: TextIO) -> None:
-    out.write(f"{res['count']} shards" + (f" (rescaling to {res['target']})" if res["rescaling"] else "") + "\n")
+    out.write(_shards(res["count"]) + (f" (rescaling to {res['target']})" if res["rescaling"] else "") + "\n")
     for s in res["shards"]:
         out.write(f"  shard {s['shard']}: {s['groups']} key groups\n")
     last = res.get("last")
     if last:
-        out.write(f"last rescale: {last['from']} -> {last['to']} shards, {last['moved_groups']} key groups moved in "
+        out.write(f"last rescale: {last['from']} -> {_shards(last['to'])}, {last['moved_groups']} key groups moved in "
                   f"{last['seconds']:.1f} s, their events paused {last['pause_ms']:.0f} ms\n")
         for p in last.get("problems") or []:
             out.write(f"  problem: {p}\n")
@@ -48,7 +52,10 @@ def run_shards_command(args: argparse.Namespace, out: TextIO) -> int:
     if args.no_wait:
         out.write(json.dumps(res, indent=2) + "\n" if args.json else f"{res['message']}\n")
         return 0
-    out.write(f"rescaling from {res['count']} to {args.count} shards ...\n")
+    if res["count"] == args.count and res["shards"] and len(res["shards"]) == args.count:
+        out.write(f"already {_shards(args.count)}\n")
+    else:
+        out.write(f"rescaling from {res['count']} to {_shards(args.count)} ...\n")
     end = time.monotonic() + args.timeout
     while True:
         time.sleep(0.5)
@@ -56,7 +63,7 @@ def run_shards_command(args: argparse.Namespace, out: TextIO) -> int:
         if not res["rescaling"] and res["count"] == args.count:
             break
         if time.monotonic() > end:
-            raise CliError(f"the rescale to {args.count} shards has not ended after {args.timeout:g} s "
+            raise CliError(f"the rescale to {_shards(args.count)} has not ended after {args.timeout:g} s "
                            f"(now {res['count']}); see `playbus shards show` and run_cluster's output")
     if args.json:
         out.write(json.dumps(res, indent=2) + "\n")

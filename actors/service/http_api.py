@@ -208,6 +208,10 @@ class IngressCore:
             except Exception as e:  # noqa: BLE001 - a shard that does not answer is unhealthy
                 return {"shard": i, "ok": False, "problems": [f"no answer: {type(e).__name__}: {e}"[:300]]}
 
+        try:  # the shards of the map as it is now: a rescale that just ended lists its new count at once
+            await self.refresh_map()
+        except Exception as e:  # noqa: BLE001 - Redis down: the shards say so too
+            log.warning("healthz: cannot read the shard map: %s", e)
         shards = await asyncio.gather(*(shard(i) for i in range(self.router.shards)))
         if not all(s.get("ok", False) for s in shards):
             # A rescale to fewer shards may have ended some of them meanwhile: report the shards of the map as it

@@ -95,7 +95,8 @@ class Rescaler:
         if target < before:
             self.control.stop(list(range(target, before)))
         last["seconds"] = round(time.monotonic() - t0, 3)
-        self.progress(f"rescaled to {target} shards in {last['seconds']:.1f} s (groups paused {pause_ms:.0f} ms)"
+        shards = f"{target} shard" + ("" if target == 1 else "s")
+        self.progress(f"rescaled to {shards} in {last['seconds']:.1f} s (groups paused {pause_ms:.0f} ms)"
                       + (f"; problems: {'; '.join(problems)}" if problems else ""))
         return last
 
