@@ -133,6 +133,9 @@ def rescale(cluster: ClusterProcess, count: int) -> tuple[float, dict[str, Any]]
         status, doc = call(cluster, "GET", "/v1/shards", admin=True)
         assert status == 200, doc
         if doc["count"] == count and not doc["rescaling"]:
+            # done: /healthz lists the new count at once
+            status, health = call(cluster, "GET", "/healthz")
+            assert [s["shard"] for s in health["shards"]] == list(range(count)), health
             return time.monotonic() - t, doc
         assert time.monotonic() - t < 60, f"rescale to {count} not done in 60 s: {doc}\n{cluster.output()}"
         time.sleep(0.2)
