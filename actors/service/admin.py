@@ -129,7 +129,11 @@ class AdminApi:
                 return limit
             return reply(200, {"entries": self.audit.recent(limit)})
         if path == "/v1/scripts" or path.startswith("/v1/scripts/"):
-            return await self.scripts(method, path, body, who)
+            return await self.scripts(method, path, body, who, query)
+        if path == "/v1/campaigns":
+            if method != "GET":
+                return error(405, "use GET (PUT /v1/campaigns/{id} creates one)")
+            return reply(200, {"campaigns": await asyncio.to_thread(self.campaigns.listing)})
         if path.startswith("/v1/campaigns/"):
             return await self.campaigns.handle(method, path, query, who, body)
         if path == "/v1/dead" or path.startswith("/v1/dead/"):
@@ -140,8 +144,9 @@ class AdminApi:
             return await self.shards.handle(method, path, who, body)
         return error(404, f"no such endpoint: {method} {path}")
 
-    async def scripts(self, method: str, path: str, body: bytes, who: str) -> Response:
-        """/v1/scripts and /v1/scripts/{name}[/activate|/dry-run]."""
+    async def scripts(self, method: str, path: str, body: bytes, who: str, query: str = "") -> Response:
+        """/v1/scripts and /v1/scripts/{name}[/activate|/dry-run|/backtest]; GET /v1/scripts/{name}?version=N shows
+        that version's source (the console's diff between any two versions)."""
         if path == "/v1/scripts":
             if method != "GET":
                 return error(405, "use GET")
@@ -157,8 +162,14 @@ class AdminApi:
             s = self.catalog.get(name)
             if s is None:
                 return error(404, f"no script named {name!r}")
-            return reply(200, {"name": name, "active": s["active"], "versions": sorted(s["versions"]),
-                               "source": s["versions"].get(s["active"], ""), "canary": s["canary"]})
+            shown = _version(query)
+            if isinstance(shown, tuple):
+                return shown
+            if shown is not None and shown not in s["versions"]:
+                return error(404, f"script {name!r} has no version {shown} (versions: {sorted(s['versions'])})")
+            doc = {"name": name, "active": s["active"], "versions": sorted(s["versions"]),
+                   "source": s["versions"].get(s["active"] if shown is None else shown, ""), "canary": s["canary"]}
+            return reply(200, doc if shown is None else {**doc, "version": shown})
         if op == "activate" and method == "POST":
             return await self.activate(name, body, who)
         if op == "backtest" and method == "POST":
@@ -271,6 +282,16 @@ class AdminApi:
         except RuntimeError as e:  # rules fanning out past MAX_MADE events
             return error(422, str(e))
         return reply(200, {"results": results, "made": made})
+
+
+def _version(query: str) -> int | None | Response:
+    """The `version` query parameter of GET /v1/scripts/{name} (None when absent), or the 400 to answer."""
+    raw = parse_qs(query).get("version", [None])[0]
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+        return reply(400, {"error": f"version must be a positive integer, got {raw!r}", "field": "version"})
+    return int(raw)
 
 
 def _limit(query: str, default: int, most: int) -> int | Response:

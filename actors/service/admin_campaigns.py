@@ -1,5 +1,6 @@
 """CampaignAdmin: operating running campaigns over the admin API (plain Python).
 
+    GET  /v1/campaigns                               every running campaign, as GET /v1/campaigns/{id} shows each
     GET  /v1/campaigns/{id}                          the campaign as it runs, with its state
     PUT  /v1/campaigns/{id}                          create or replace it (the shape of one `campaigns` item, scripts
                                                      by name), validated like the file: 422 naming the bad field
@@ -58,6 +59,12 @@ class CampaignAdmin:
     def running(self) -> Config:
         """The configuration the shards run: the file's, with the campaigns as Redis keeps them."""
         return with_campaigns(self.config, self.state.configs(), self.catalog.active_sources())
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Every running campaign (the file's and those created through the API), by id, with its state."""
+        states = self.state.all()
+        return [{**campaign_document(c), "paused": False, **states.get(c.id, {})}
+                for c in sorted(self.running().campaigns, key=lambda c: c.id)]
 
     async def handle(self, method: str, path: str, query: str, who: str, body: bytes) -> Response:
         m = _PATH.match(path)

@@ -23,6 +23,7 @@ from playbus.actors.service.admin import AdminApi
 from playbus.actors.service.admin_campaigns import CampaignAdmin
 from playbus.actors.service.admin_shards import ShardAdmin
 from playbus.actors.service.api_docs import ApiDocs
+from playbus.actors.service.console import Console
 from playbus.actors.service.replies import MAX_BODY, MAX_EVENTS, Response, error, reply
 from playbus.actors.service.router import Router
 from playbus.actors.store.audit import AuditLog
@@ -43,7 +44,7 @@ ShardCall = Callable[[int, str, Sequence[Any]], Awaitable[Any]]
 
 _CTX = re.compile(r"^/v1/campaigns/([^/]+)/users/([^/]+)/(context|decisions)$")
 # The admin endpoints' path prefixes (the token is checked first; /v1/campaigns/{c}/users/... is matched before).
-_ADMIN = ("/v1/scripts", "/v1/audit", "/v1/campaigns/", "/v1/dead", "/v1/failed", "/v1/shards")
+_ADMIN = ("/v1/scripts", "/v1/audit", "/v1/campaigns/", "/v1/dead", "/v1/failed", "/v1/shards", "/v1/campaigns")
 MAP_CHECK_S = 1.0  # how often an ingress looks for a new shard map (a shard's NotOwner makes it look at once)
 
 
@@ -73,6 +74,7 @@ class IngressCore:
                                                                                catalog, self.router),
                               self.router, ShardAdmin(self.shard_map, audit))
         self.docs = ApiDocs(config.key_groups)  # /openapi.json and /docs, without a token
+        self.console = Console()  # /ui/: the operators' page (its files; it works through the admin API)
         self.max_inflight = max_inflight
         self.inflight = 0
 
@@ -120,6 +122,8 @@ class IngressCore:
     async def _dispatch(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes) -> Response:
         if self.docs.serves(path):
             return self.docs.handle(method, path)
+        if self.console.serves(path):
+            return self.console.handle(method, path)
         await self._look_at_map()
         if path == "/v1/events":
             if method != "POST":

@@ -43,6 +43,7 @@ TAGS = [
     {"name": "operations", "description": "Failed rule runs and their replay, dead letters, the audit log"},
     {"name": "shards", "description": "The shard map, and rescaling a running cluster"},
     {"name": "docs", "description": "This document and its rendered reference"},
+    {"name": "console", "description": "The operators' web page, which works through the admin endpoints"},
 ]
 
 
@@ -200,10 +201,17 @@ def _scripts() -> dict[str, Any]:
                                                       description="the Lua source (UTF-8; the content type is not "
                                                                   "checked)"))
     show = op("getScript", "scripts", "A script: versions, active version, source, canary",
-              "`source` is the active version's; `canary` the version a share of the users runs, or null.",
+              "`source` is the active version's, or with `?version=N` that version's (and `version` is N); "
+              "`canary` the version a share of the users runs, or null.",
               {"200": answer("The script", "Script", {"name": "first_quiz_lottery", "active": 2, "versions": [1, 2],
                                                       "source": source, "canary": None}),
-               "404": unknown}, admin=True, params=[name])
+               "400": fail("`version` is not a positive integer", "version must be a positive integer, got 'x'",
+                           "FieldError", field="version"),
+               "404": fail("No script of that name (or a name not of its pattern), or no such version",
+                           "script 'first_quiz_lottery' has no version 9 (versions: [1, 2])")},
+              admin=True, params=[name, param("version", "query", "show this version's source (default: the "
+                                                                 "active one's)", {"type": "integer", "minimum": 1},
+                                              example=1)])
     activate = op("activateScript", "scripts", "Activate a version, or run it for a share of the users (canary)",
                   "Every rule using the script runs that version from each shard's next batch; the answer comes "
                   "after every shard switched. With `percent` below 100 the version is a canary: users whose "
@@ -283,6 +291,11 @@ def _campaigns() -> dict[str, Any]:
                           "/v1/scripts/{name}) (got 'nope')", "FieldError", field="rules[0].script")},
              admin=True, params=[cid], request=body(ref("CampaignInput"), {k: v for k, v in doc.items()
                                                                             if k != "id"}))
+    listing = op("listCampaigns", "campaigns", "The running campaigns",
+                 "Every campaign as it runs (the file's and those created through the API), by id, each as "
+                 "`GET /v1/campaigns/{campaign}` shows it.",
+                 {"200": answer("The campaigns", "CampaignList", {"campaigns": [{**doc, "paused": False}]})},
+                 admin=True)
     get = op("getCampaign", "campaigns", "A campaign as it runs, and whether it is paused",
              "The file's campaigns and those created through the API.",
              {"200": answer("The campaign", "Campaign", {**doc, "paused": False}), "404": unknown},
@@ -318,7 +331,8 @@ def _campaigns() -> dict[str, Any]:
                    "delivery": {"backlog": 0, "dead": 1, "exact": True}}),
                 "404": unknown}, admin=True, params=[cid])
     base = "/v1/campaigns/{campaign}"
-    return {base: {"get": get, "put": put}, f"{base}/pause": {"post": switch("pause", True)},
+    return {"/v1/campaigns": {"get": listing},
+            base: {"get": get, "put": put}, f"{base}/pause": {"post": switch("pause", True)},
             f"{base}/resume": {"post": switch("resume", False)},
             f"{base}/budgets/{{budget}}/topup": {"post": topup}, f"{base}/stats": {"get": stats}}
 
@@ -404,13 +418,30 @@ def _docs() -> dict[str, Any]:
     return {"/openapi.json": {"get": spec}, "/docs": {"get": page}, "/docs/assets/{file}": {"get": asset}}
 
 
+def _console() -> dict[str, Any]:
+    files = {"description": "The file", "content": {t: {"schema": {"type": "string"}} for t in
+                                                    ("text/html", "text/javascript", "text/css", "image/svg+xml")}}
+    page = op("getConsole", "console", "The operators' console",
+              "An HTML page over the admin API (it asks for an admin token and keeps it for the browser tab): "
+              "campaigns with live stats and plots, scripts (versions, diff, editor, dry-run, backtest, activation "
+              "and rollback), a user's decisions explained, failed runs, dead letters, the audit log, the shards. "
+              "Served by playbus itself: nothing is loaded from elsewhere.",
+              {"200": {"description": "The page", "content": {"text/html": {"schema": {"type": "string"}}}}})
+    short = {**page, "operationId": "getConsoleShort", "summary": "The operators' console (the same page)"}
+    asset = op("getConsoleFile", "console", "A file of the console",
+               "The scripts (JavaScript modules) and styles the page loads.",
+               {"200": files, "404": fail("No such file", "no such file: /ui/x.js")},
+               params=[param("file", "path", "a file name", {"type": "string"}, example="app.js")])
+    return {"/ui": {"get": short}, "/ui/": {"get": page}, "/ui/{file}": {"get": asset}}
+
+
 def document(key_groups: int) -> dict[str, Any]:
     """The OpenAPI document; `key_groups`: the cluster's, the most shards a rescale may ask for."""
     return {
         "openapi": "3.1.0",
         "info": {"title": "playbus HTTP API", "version": package_version(), "description": INTRO},
         "tags": TAGS,
-        "paths": {**_events(), **_scripts(), **_campaigns(), **_operations(), **_docs()},
+        "paths": {**_events(), **_scripts(), **_campaigns(), **_operations(), **_docs(), **_console()},
         "components": {
             "schemas": schemas(key_groups),
             "securitySchemes": {"adminToken": {

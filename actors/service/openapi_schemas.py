@@ -151,7 +151,9 @@ def _scripts() -> dict[str, Any]:
         "ScriptList": obj({"scripts": arr(obj({"name": STR, "active": INT, "versions": versions}))}),
         "Script": obj({"name": STR, "active": {**INT, "description": "the active version"}, "versions": versions,
                        "source": {**STR, "description": "the source of the active version"},
-                       "canary": {**nullable(ref("Canary")), "description": "a canary under way, or null"}}),
+                       "canary": {**nullable(ref("Canary")), "description": "a canary under way, or null"},
+                       "version": {**INT, "description": "with `?version=N`: N, the version whose source this is"}},
+                      ["name", "active", "versions", "source", "canary"]),
         "Canary": canary,
         "ScriptPushed": obj({"name": STR, "version": INT}),
         "CompileError": obj({"error": STR, "line": {**INT, "description": "0 when no `decide` is defined"},
@@ -198,6 +200,7 @@ def _campaigns() -> dict[str, Any]:
     })
     return {
         "Rule": rule, "Cap": cap, "Budget": budget, "CampaignInput": campaign, "Campaign": running,
+        "CampaignList": obj({"campaigns": arr(ref("Campaign"))}),
         "Paused": obj({"id": STR, "paused": BOOL, "changed": BOOL}),
         "TopUp": obj({"amount": {**INT, "minimum": 1, "maximum": 10**15}}),
         "ToppedUp": obj({"campaign": STR, "budget": STR, "total": INT}),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from playbus.actors.service.console import CONSOLE_DIR
 from playbus.actors.store.server import RedisServer
 from playbus.loadtest.launcher import ClusterProcess, http_get
 
@@ -61,13 +62,16 @@ def test_the_wheel_installs_only_the_playbus_package_with_its_lua_and_example(se
         "import importlib.util as u, json, playbus, pathlib; "
         "root = pathlib.Path(playbus.__file__).parent; "
         "print(json.dumps({m: u.find_spec(m) is not None for m in ('config', 'actors', 'scripting', 'loadtest')} | "
-        "{'files': sorted(str(p.relative_to(root)) for p in root.rglob('*.lua'))}))"
+        "{'files': sorted(str(p.relative_to(root)) for p in root.rglob('*.lua')), "
+        "'console': sorted(p.name for p in (root / 'actors' / 'service' / 'console').glob('*'))}))"
     )
     found = json.loads(_run([bin_ / "python", "-c", probe], cwd=work).stdout)
     assert not any(found[m] for m in ("config", "actors", "scripting", "loadtest")), found
     for lua in ("scripting/driver.lua", "actors/store/commit.lua", "actors/store/lease.lua",
                 "config/scripts/first_quiz_lottery.lua"):
         assert lua in found["files"], found["files"]
+    # GET /ui/: the operators' console, every file of it
+    assert found["console"] == sorted(p.name for p in CONSOLE_DIR.iterdir()), found["console"]
 
 
 def test_playbus_dry_run_of_the_packaged_example_from_outside_the_checkout(server_venv: tuple[Path, Path]) -> None:
@@ -109,6 +113,11 @@ def test_run_cluster_from_the_wheel_serves_events(server_venv: tuple[Path, Path]
         assert status == 200 and json.loads(spec)["openapi"].startswith("3.1")
         status, js = http_get(cluster.host, cluster.port, "/docs/assets/swagger-ui-bundle.js")
         assert status == 200 and b"SwaggerUIBundle" in js
+        # the operators' console, from the package's files
+        status, page = http_get(cluster.host, cluster.port, "/ui/")
+        assert status == 200 and b'src="/ui/app.js"' in page
+        status, js = http_get(cluster.host, cluster.port, "/ui/app.js")
+        assert status == 200 and b"onUnauthorized" in js
     assert cluster.stop_report is not None and cluster.stop_report.ok, cluster.stop_report
 
 
