@@ -181,6 +181,12 @@ def render_table(res: dict[str, Any]) -> str:
                          f"{pz['call_ms']['max']:.0f}) |")
             lines.append(f"| replaying failed runs (补单) | {rp['runs']:,} runs | {rp['runs_per_s']:,.0f} runs/s | | | "
                          f"| {rp['seconds']:.1f} s |")
+            rs = ops.get("rescale")
+            for r in rs["rescales"] if rs else ():
+                met_r = "met" if r["seconds"] < 60 and not rs["partitions_behind_after"] else "**not met**"
+                lines.append(f"| rescaling to {r['to']} shards | beside {rs['background_events_per_s']:,.0f} events/s, "
+                             f"{r['moved_groups']} key groups move | | | | within 60 s, nothing behind ({met_r}) | "
+                             f"{r['seconds']:.1f} s; the groups paused {r['pause_ms']:.0f} ms |")
         for row in cl.get("scaling", ()):
             cpu = row["cpu_us_per_event"]
             lines.append(f"| partitioned stream, {row['shards']} shard{'s' if row['shards'] > 1 else ''} | batches of "
