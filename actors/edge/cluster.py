@@ -83,6 +83,7 @@ class Cluster:
         self.shards: list[Any] = []
         self.config: Any = None
         self.redis_url = ""
+        self.shard_map: Any = None  # the supervisor's reading of the shard map (rescale_if_asked)
         self.router: Any = None
         self.delivery: Any = None
         self.serve_started = False
@@ -232,17 +233,14 @@ class Cluster:
         from playbus.actors.store.connect import connect
         from playbus.actors.store.shardmap import ShardMap
 
-        client = connect(self.redis_url, socket_timeout=10)
-        try:
-            shard_map = ShardMap(client, self.config.key_groups)
-            layout = shard_map.read()
-            if layout is None or layout.target == layout.count:
-                return
-            Rescaler(shard_map, RayShardControl(self.shards, self._make_shard),
-                     progress=lambda m: print(f"playbus: {m}", flush=True)).run(layout.target)
-            self.silent.clear()
-        finally:
-            client.close()
+        if self.shard_map is None:  # one client for the supervisor's rounds, not a connection every 2 s
+            self.shard_map = ShardMap(connect(self.redis_url, socket_timeout=10), self.config.key_groups)
+        layout = self.shard_map.read()
+        if layout is None or layout.target == layout.count:
+            return
+        Rescaler(self.shard_map, RayShardControl(self.shards, self._make_shard),
+                 progress=lambda m: print(f"playbus: {m}", flush=True)).run(layout.target)
+        self.silent.clear()
 
     def _prepare_redis(self, config: Any, redis_url: str) -> None:
         """Refuse a Redis that cannot hold playbus's data (evicting, not durable as asked, another key_groups);
@@ -345,6 +343,8 @@ class Cluster:
                     if a is not None:
                         ray.kill(a, no_restart=True)
             ray.shutdown()
+        if self.shard_map is not None:
+            self.shard_map.client.close()
         if self.redis_server is not None:
             self.redis_server.stop()
         print("playbus: stopped", flush=True)

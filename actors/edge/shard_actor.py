@@ -34,6 +34,7 @@ __all__ = ["UserActivityActor"]
 log = logging.getLogger("playbus.shard")
 _encode = msgspec.msgpack.Encoder().encode
 STUCK_AFTER_S = 30.0  # a caller waiting this long for its batch makes the shard unhealthy
+RELEASE_BARRIER_S = 30.0  # how long a release waits for the batches already submitted to commit
 
 
 class _UserActivityActor:
@@ -221,7 +222,9 @@ class _UserActivityActor:
             self._leaving |= gone
             try:
                 await self._stop_readers()
-                await self.batcher.barrier()
+                # Bounded: a batch that never settles must not hold the move (and this shard's readers) for ever;
+                # the groups are then kept and the rescale goes on (the new owner's claim fences this shard).
+                await asyncio.wait_for(self.batcher.barrier(), RELEASE_BARRIER_S)
                 users = self.core.release(gone)
             finally:
                 self._leaving -= gone

@@ -67,9 +67,7 @@ def groups_of_shard(shard: int, shards: int, n: int) -> list[int]:
 
 def contiguous_owners(shards: int, n: int) -> list[int]:
     """The owner of each of `n` groups when `shards` shards own contiguous ranges (a cluster's start layout)."""
-    if not 1 <= shards <= n:
-        raise ValueError(f"shards ({shards}) must be in 1..{n} (the number of key groups)")
-    return [(kg * shards) // n for kg in range(n)]
+    return [shard_of_group(kg, shards, n) for kg in range(n)]
 
 
 def kg_tag(kg: int) -> str:

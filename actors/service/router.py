@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from playbus.actors.engine.events import EventIn, Rejected, check_event
-from playbus.actors.engine.keys import key_group, shard_of_group, user_key
+from playbus.actors.engine.keys import contiguous_owners, key_group, user_key
 from playbus.actors.service.errors import NotOwner
 
 ShardCall = Callable[[int, str, Sequence[Any]], Awaitable[Any]]
@@ -40,7 +40,7 @@ class Router:
         shards are sent again before the call fails (a rescale moves a group in well under a second)."""
         self.shards = shards  # every shard index a caller may reach (broadcasts go to range(shards))
         self.key_groups = key_groups
-        self._shard_of = [shard_of_group(kg, shards, key_groups) for kg in range(key_groups)]
+        self._shard_of = contiguous_owners(shards, key_groups)
         self.refresh = refresh
         self.retry_s = retry_s
         self.rerouted = 0  # events sent again after a NotOwner

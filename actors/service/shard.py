@@ -313,13 +313,7 @@ class ShardCore:
     def groups_of(self, events: list[Any]) -> set[int]:
         """The key groups of these events (those with a string campaign and user)."""
         n = self.config.key_groups
-        out: set[int] = set()
-        for e in events:
-            c, u = (e.get("campaign"), e.get("user")) if type(e) is dict else (getattr(e, "campaign", None),
-                                                                                getattr(e, "user", None))
-            if type(c) is str and type(u) is str:
-                out.add(key_group(f"{c}\x00{u}", n))  # = keys.user_key, inlined per event
-        return out
+        return {key_group(k, n) for k in user_keys(events)}
 
     # -- reads -------------------------------------------------------------------------------------
     def context(self, campaign: str, user: str) -> dict[str, Any]:

@@ -57,6 +57,20 @@ def _queue(pipe: Any, client: Any, cmd: Cmd) -> None:
         pipe.execute_command(*cmd.args, target_nodes=client.get_node_from_key(cmd.route))
 
 
+def _record(todo: list[int], out: list[Any], results: list[Any], reload: bool) -> tuple[list[int], bool]:
+    """Put a pipeline's answers in `results`; the commands to send again (TRYAGAIN and the like, or NOSCRIPT when
+    the scripts can be loaded) and whether a script must be loaded first."""
+    again, noscript = [], False
+    for i, r in zip(todo, out, strict=True):
+        results[i] = r
+        if isinstance(r, NoScriptError) and reload:
+            noscript = True
+            again.append(i)
+        elif isinstance(r, RETRY_ERRORS):
+            again.append(i)
+    return again, noscript
+
+
 def execute(client: Any, cmds: Sequence[Cmd], scripts: Iterable[str] = (), deadline_s: float = TRYAGAIN_S) -> list[Any]:
     """Run `cmds` on a (sync) cluster client in one pipeline, their answers in order (see the module doc)."""
     results: list[Any] = [None] * len(cmds)
@@ -68,15 +82,7 @@ def execute(client: Any, cmds: Sequence[Cmd], scripts: Iterable[str] = (), deadl
         pipe = client.pipeline(transaction=False)
         for i in todo:
             _queue(pipe, client, cmds[i])
-        out = pipe.execute(raise_on_error=False)
-        again, noscript = [], False
-        for i, r in zip(todo, out, strict=True):
-            results[i] = r
-            if isinstance(r, NoScriptError) and sources:
-                noscript = True
-                again.append(i)
-            elif isinstance(r, RETRY_ERRORS):
-                again.append(i)
+        again, noscript = _record(todo, pipe.execute(raise_on_error=False), results, bool(sources))
         if not again or time.monotonic() >= deadline:
             break
         if noscript:
@@ -102,15 +108,7 @@ async def aexecute(client: Any, cmds: Sequence[Cmd], scripts: Iterable[str] = ()
         pipe = client.pipeline(transaction=False)
         for i in todo:
             _queue(pipe, client, cmds[i])
-        out = await pipe.execute(raise_on_error=False)
-        again, noscript = [], False
-        for i, r in zip(todo, out, strict=True):
-            results[i] = r
-            if isinstance(r, NoScriptError) and sources:
-                noscript = True
-                again.append(i)
-            elif isinstance(r, RETRY_ERRORS):
-                again.append(i)
+        again, noscript = _record(todo, await pipe.execute(raise_on_error=False), results, bool(sources))
         if not again or time.monotonic() >= deadline:
             break
         if noscript:

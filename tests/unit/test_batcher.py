@@ -360,3 +360,28 @@ def test_an_input_offset_is_committed_with_the_last_part_of_its_events() -> None
     assert core.committed == [["e1", "e2"], ["e3", "e4"]]
     assert core.offsets == [{}, {7: "5-0", 9: "8-1"}]
     assert core.rejected == [{}, {7: [b"bad"]}]
+
+
+def test_a_barrier_returns_once_earlier_batches_committed_and_later_submissions_do_not_hold_it() -> None:
+    """What a key-group release waits on: everything submitted before it committed, nothing submitted after."""
+    core = FakeCore()
+    core.gate.clear()  # the first batch's commit hangs until the gate opens
+
+    async def main() -> tuple[list[list[Any]], bool]:
+        b = MicroBatcher(core, max_events=100, max_wait_s=0.001)
+        first = asyncio.ensure_future(b.submit([ev(1)]))
+        while not core.commit_started.is_set():
+            await asyncio.sleep(0.001)
+        barrier = asyncio.ensure_future(b.barrier())
+        later = asyncio.ensure_future(b.submit([ev(2)]))  # after the barrier began
+        await asyncio.sleep(0.05)
+        held = not barrier.done()  # the first commit has not ended
+        core.gate.set()
+        await barrier
+        seen = [list(c) for c in core.committed]
+        await asyncio.gather(first, later)
+        return seen, held
+
+    seen, held = run(main())
+    assert held
+    assert seen[0] == ["e1"]
